@@ -1,0 +1,29 @@
+"""Exceptions by meaning, so callers (CLI, flows) can catch what the user did wrong."""
+
+
+class AnySatError(Exception):
+    """Base class of every error the pipeline raises on purpose."""
+
+
+class RequestError(AnySatError, ValueError):
+    """A region request is invalid (bbox, dates, sensors, patch or tile size)."""
+
+
+class SpecError(AnySatError, ValueError):
+    """A modality spec or provider file is missing or invalid."""
+
+
+class NoItemsError(AnySatError):
+    """A catalog search found nothing for a sensor in the requested region and dates."""
+
+
+class OutputNotWritableError(AnySatError):
+    """The output URI cannot be written."""
+
+
+class CheckpointError(AnySatError):
+    """A checkpoint is missing, corrupt or does not match its config."""
+
+
+class ModelInputError(AnySatError, ValueError):
+    """A model batch does not match the model (modalities, footprints, patch size, NaNs)."""

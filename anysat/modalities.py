@@ -1,0 +1,104 @@
+"""Modality specs: what a sensor is (bands, GSD, scaling, statistics), loaded from YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
+
+from .errors import SpecError
+from .resources import catalogs_dir
+
+
+class BandSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    mean: float
+    std: PositiveFloat
+    assets: dict[str, str] = Field(default_factory=dict)  # provider -> asset key, default `name`
+
+
+class ModalitySpec(BaseModel):
+    """One sensor. Values are scaled to physical units: value * scale + offset (then dB)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    title: str = ""
+    gsd_m: PositiveFloat
+    time_series: bool
+    collections: dict[str, str]
+    bands: tuple[BandSpec, ...] = Field(min_length=1)
+    nodata: float | None = None
+    scale: float = 1.0
+    offset: float = 0.0
+    transform: Literal["none", "db"] = "none"
+    resampling: Literal["nearest", "bilinear", "cubic", "average"] = "bilinear"
+
+    @model_validator(mode="after")
+    def _unique_bands(self) -> ModalitySpec:
+        names = [b.name for b in self.bands]
+        if len(set(names)) != len(names):
+            raise ValueError(f"band names repeat: {names}")
+        return self
+
+    @property
+    def band_names(self) -> list[str]:
+        return [b.name for b in self.bands]
+
+    def collection(self, provider: str) -> str:
+        try:
+            return self.collections[provider]
+        except KeyError:
+            raise SpecError(
+                f"sensor '{self.name}' has no collection on provider '{provider}' "
+                f"(it has: {', '.join(sorted(self.collections))})"
+            ) from None
+
+    def asset_keys(self, provider: str) -> list[str]:
+        return [b.assets.get(provider, b.name) for b in self.bands]
+
+
+def modalities_dir() -> Path:
+    return catalogs_dir() / "modalities"
+
+
+def load_spec(path: Path) -> ModalitySpec:
+    """Load and validate one spec; errors name the file and the field."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpecError(f"{path}: cannot read modality spec: {exc}") from None
+    try:
+        return ModalitySpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"field '{'.'.join(str(p) for p in e['loc'])}': {e['msg']}" for e in exc.errors()
+        )
+        raise SpecError(f"{path}: invalid modality spec: {problems}") from None
+
+
+def available_specs(directory: Path | None = None) -> dict[str, ModalitySpec]:
+    specs = [load_spec(p) for p in sorted((directory or modalities_dir()).glob("*.yaml"))]
+    return {s.name: s for s in specs}
+
+
+def resolve_sensors(names: list[str], directory: Path | None = None) -> list[ModalitySpec]:
+    """Map sensor names or aliases (`s2`, `sentinel-1`, ...) to specs, in the order given."""
+    specs = available_specs(directory)
+    lookup = {alias: s for s in specs.values() for alias in (s.name, *s.aliases)}
+    unknown = [n for n in names if n not in lookup]
+    if unknown:
+        raise SpecError(
+            f"unknown sensor(s) {', '.join(repr(n) for n in unknown)}; known sensors: "
+            + ", ".join(f"{s.name} ({', '.join(s.aliases)})" for s in specs.values())
+        )
+    resolved: list[ModalitySpec] = []
+    for name in names:
+        if lookup[name] not in resolved:
+            resolved.append(lookup[name])
+    return resolved

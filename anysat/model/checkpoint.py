@@ -1,0 +1,61 @@
+"""Checkpoints: safetensors weights + config.json (with sha256). Loading never unpickles."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from .. import storage
+from ..errors import CheckpointError
+from ..modalities import ModalitySpec
+from .anysat import AnySat
+from .config import SIZES, AnySatConfig
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def build_model(size: str, specs: list[ModalitySpec], seed: int = 0) -> AnySat:
+    """A freshly initialised model (seeded, so two builds are identical)."""
+    torch.manual_seed(seed)
+    return AnySat(AnySatConfig.from_size(size, specs)).eval()
+
+
+def save_checkpoint(model: AnySat, uri: str, provenance: dict | None = None) -> None:
+    """Write weights, then the config that names their sha256 (the config marks it complete)."""
+    weights = save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()})
+    meta = {"config": model.config.to_dict(), "sha256": hashlib.sha256(weights).hexdigest(),
+            "provenance": provenance or {}}
+    storage.write_bytes_atomic(storage.join(uri, WEIGHTS), weights)
+    storage.write_bytes_atomic(storage.join(uri, CONFIG), json.dumps(meta, indent=2).encode())
+
+
+def load_model(name_or_uri: str, specs: list[ModalitySpec] | None = None, seed: int = 0) -> AnySat:
+    """A checkpoint folder (local path or object-storage URI), or a size name for a seeded
+    random initialisation built for `specs`."""
+    if name_or_uri in SIZES:
+        if specs is None:
+            raise CheckpointError(f"model size '{name_or_uri}' needs the sensors it is built for")
+        return build_model(name_or_uri, specs, seed)
+    uri = storage.normalize_uri(name_or_uri)
+    try:
+        meta = json.loads(storage.read_bytes(storage.join(uri, CONFIG)))
+        weights = storage.read_bytes(storage.join(uri, WEIGHTS))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"no checkpoint at {name_or_uri} (expected {CONFIG} and {WEIGHTS}); "
+            f"or give a model size: {', '.join(SIZES)}") from None
+    if hashlib.sha256(weights).hexdigest() != meta.get("sha256"):
+        raise CheckpointError(f"checkpoint {name_or_uri}: weights do not match the sha256 in {CONFIG}")
+    model = AnySat(AnySatConfig.from_dict(meta["config"]))
+    model.load_state_dict(load_safetensors(weights), strict=True)
+    return model.eval()
+
+
+def weights_sha256(model: AnySat) -> str:
+    return hashlib.sha256(save_safetensors(
+        {k: v.contiguous() for k, v in model.state_dict().items()})).hexdigest()

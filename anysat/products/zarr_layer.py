@@ -1,0 +1,100 @@
+"""The embedding layer: a Zarr v3 store per UTM zone, dims (y, x, band), one chunk per tile."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import dask.array as da
+import numpy as np
+import rioxarray  # noqa: F401 - registers the .rio accessor
+import xarray as xr
+from affine import Affine
+
+from ..errors import OutputNotWritableError
+from ..tiles import Tile
+
+GRID_ATTR = "anysat_grid"
+
+
+@dataclass(frozen=True)
+class LayerGrid:
+    """Pixel grid of a layer: one pixel per patch, covering whole tiles of the tile grid."""
+
+    epsg: int
+    tile_size_m: float
+    patch_size_m: float
+    col0: int       # westmost tile column
+    row0: int       # northmost tile row
+    n_cols: int
+    n_rows: int
+    dim: int
+
+    @classmethod
+    def covering(cls, tiles: list[Tile], patch_size_m: float, dim: int) -> LayerGrid:
+        cols, rows = [t.col for t in tiles], [t.row for t in tiles]
+        return cls(tiles[0].epsg, tiles[0].size_m, patch_size_m, min(cols), max(rows),
+                   max(cols) - min(cols) + 1, max(rows) - min(rows) + 1, dim)
+
+    @property
+    def tile_px(self) -> int:
+        return round(self.tile_size_m / self.patch_size_m)
+
+    @property
+    def transform(self) -> Affine:
+        return Affine(self.patch_size_m, 0, self.col0 * self.tile_size_m,
+                      0, -self.patch_size_m, (self.row0 + 1) * self.tile_size_m)
+
+    def tile_region(self, tile: Tile) -> dict[str, slice]:
+        y0 = (self.row0 - tile.row) * self.tile_px
+        x0 = (tile.col - self.col0) * self.tile_px
+        return {"y": slice(y0, y0 + self.tile_px), "x": slice(x0, x0 + self.tile_px)}
+
+    def coords(self) -> dict[str, np.ndarray]:
+        t, p = self.transform, self.patch_size_m
+        return {"x": t.c + p * (np.arange(self.n_cols * self.tile_px) + 0.5),
+                "y": t.f - p * (np.arange(self.n_rows * self.tile_px) + 0.5)}
+
+
+def _template(grid: LayerGrid, attrs: dict) -> xr.Dataset:
+    shape = (grid.n_rows * grid.tile_px, grid.n_cols * grid.tile_px, grid.dim)
+    data = da.full(shape, np.nan, dtype="float32", chunks=(grid.tile_px, grid.tile_px, grid.dim))
+    ds = xr.Dataset({"embedding": (("y", "x", "band"), data)},
+                    coords={**grid.coords(), "band": np.arange(grid.dim)})
+    ds = ds.rio.write_crs(f"EPSG:{grid.epsg}").rio.write_transform(grid.transform)
+    ds["embedding"].attrs.update({"long_name": "AnySat patch embedding", "grid_mapping": "spatial_ref"})
+    ds.attrs.update({**attrs, GRID_ATTR: json.dumps(asdict(grid))})
+    return ds
+
+
+def create_layer(uri: str, grid: LayerGrid, attrs: dict) -> None:
+    """Create the empty layer (metadata only; NaN = not written / no data), or reuse an
+    existing one with the same grid so that an interrupted run resumes."""
+    try:
+        existing = xr.open_zarr(uri, consolidated=False)
+    except (FileNotFoundError, KeyError, ValueError):
+        existing = None
+    if existing is not None:
+        if json.loads(existing.attrs.get(GRID_ATTR, "null")) != asdict(grid):
+            raise OutputNotWritableError(
+                f"{uri} already holds a layer on another grid (tiles, patch size or model width); "
+                "choose another output_uri or remove it")
+        return
+    encoding = {"embedding": {"chunks": (grid.tile_px, grid.tile_px, grid.dim), "fill_value": np.nan}}
+    _template(grid, attrs).to_zarr(uri, mode="w", compute=False, zarr_format=3, consolidated=False,
+                                   encoding=encoding)
+
+
+def write_tile(uri: str, grid: LayerGrid, tile: Tile, patches: np.ndarray) -> None:
+    """Write one tile's [tile_px, tile_px, dim] patch embeddings into its chunk."""
+    expected = (grid.tile_px, grid.tile_px, grid.dim)
+    if patches.shape != expected:
+        raise ValueError(f"tile {tile.id}: embeddings of shape {patches.shape}, layer expects {expected}")
+    region = grid.tile_region(tile)
+    ds = xr.Dataset({"embedding": (("y", "x", "band"), patches.astype("float32"))})
+    ds.to_zarr(uri, region=region, mode="r+", zarr_format=3, consolidated=False)
+
+
+def read_layer(uri: str) -> xr.Dataset:
+    """Open a layer lazily; `.rio.crs` and `.rio.transform()` give its georeference."""
+    return xr.open_zarr(uri, consolidated=False, decode_coords="all")

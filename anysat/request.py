@@ -1,0 +1,100 @@
+"""A region request (what an analyst asks for), validated once at the boundary."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
+from shapely.geometry import box, shape
+from shapely.geometry.base import BaseGeometry
+
+from .errors import RequestError
+from .modalities import ModalitySpec, resolve_sensors
+
+DEFAULT_SENSORS = ("sentinel-2-l2a", "sentinel-1", "copernicus-dem")
+
+
+def is_multiple(value: float, step: float) -> bool:
+    ratio = value / step
+    return ratio >= 1 - 1e-9 and abs(ratio - round(ratio)) < 1e-6
+
+
+class RegionRequest(BaseModel):
+    """Region (lon/lat bbox or GeoJSON), dates (inclusive), sensors, sizes in metres, output."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bbox: tuple[float, float, float, float] | None = None
+    geojson: dict[str, Any] | None = None
+    start: dt.date
+    end: dt.date
+    sensors: tuple[str, ...] = DEFAULT_SENSORS
+    patch_size_m: PositiveFloat = 30.0
+    tile_size_m: PositiveFloat = 600.0
+    catalog: str = "demo"
+    output_uri: str = "outputs"
+    model: str = "tiny"
+    tiles_per_batch: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> RegionRequest:
+        if (self.bbox is None) == (self.geojson is None):
+            raise ValueError("give exactly one of bbox or geojson")
+        if self.bbox is not None:
+            west, south, east, north = self.bbox
+            if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
+                raise ValueError(
+                    f"bbox {self.bbox} must be (west, south, east, north) in degrees with "
+                    "west < east and south < north"
+                )
+        if self.start > self.end:
+            raise ValueError(f"start {self.start} is after end {self.end}")
+        if not self.sensors:
+            raise ValueError("name at least one sensor")
+        if not is_multiple(self.tile_size_m, self.patch_size_m):
+            raise ValueError(
+                f"tile_size_m {self.tile_size_m:g} is not a multiple of patch_size_m "
+                f"{self.patch_size_m:g}"
+            )
+        self.geometry  # noqa: B018 - parse the GeoJSON now, so a bad one fails here
+        return self
+
+    @classmethod
+    def build(cls, **fields: Any) -> RegionRequest:
+        """Validate fields; a bad one raises RequestError naming it."""
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as exc:
+            problems = "; ".join(
+                (f"{'.'.join(str(p) for p in e['loc'])}: " if e["loc"] else "")
+                + e["msg"].removeprefix("Value error, ")
+                for e in exc.errors()
+            )
+            raise RequestError(f"invalid request: {problems}") from None
+
+    @property
+    def geometry(self) -> BaseGeometry:
+        """Region in EPSG:4326."""
+        if self.bbox is not None:
+            return box(*self.bbox)
+        gj = self.geojson or {}
+        try:
+            if gj.get("type") == "FeatureCollection":
+                from shapely.ops import unary_union
+
+                return unary_union([shape(f["geometry"]) for f in gj["features"]])
+            return shape(gj["geometry"] if gj.get("type") == "Feature" else gj)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"geojson is not a valid Geometry, Feature or FeatureCollection: {exc}")
+
+    def modality_specs(self) -> list[ModalitySpec]:
+        """Resolve the sensors and check that the patch size fits every sensor's GSD."""
+        specs = resolve_sensors(list(self.sensors))
+        for spec in specs:
+            if not is_multiple(self.patch_size_m, spec.gsd_m):
+                raise RequestError(
+                    f"patch_size_m {self.patch_size_m:g} is not a multiple of the "
+                    f"{spec.gsd_m:g} m GSD of sensor '{spec.name}'"
+                )
+        return specs

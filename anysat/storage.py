@@ -1,0 +1,64 @@
+"""Object storage through fsspec (file://, s3://, gs://, az://): atomic small writes, probes."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .errors import OutputNotWritableError
+
+
+def normalize_uri(uri: str) -> str:
+    """Local paths become absolute (worker processes may not share the cwd); URLs stay."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri.rstrip("/")
+    return str(Path(uri.removeprefix("file://")).expanduser().resolve())
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Readers see the old object or the whole new one, never a half-written file."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:  # object stores publish a PUT whole or not at all
+        fs.pipe_file(path, data)
+
+
+def check_writable(uri: str) -> None:
+    """Fail early, with the reason, when the output cannot be written."""
+    probe = join(uri, f".write-probe-{uuid.uuid4().hex}")
+    try:
+        fs, path = filesystem(probe)
+        if isinstance(fs, LocalFileSystem):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        fs.pipe_file(path, b"probe")
+        fs.rm_file(path)
+    except Exception as exc:  # noqa: BLE001 - any backend error means "not writable"
+        reason = str(exc) or type(exc).__name__
+        raise OutputNotWritableError(f"cannot write to output {uri}: {reason}") from None
