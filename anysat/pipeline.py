@@ -164,7 +164,8 @@ def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
     width, height = write_pca_preview(layer[::step, ::step].values, plan.preview_uri)
     manifest = {
         "request": plan.request.model_dump(mode="json"),
-        "layer": plan.layer_uri, "preview": plan.preview_uri, "epsg": plan.grid.epsg,
+        "layer": plan.layer_uri, "preview": plan.preview_uri, "manifest": plan.manifest_uri,
+        "epsg": plan.grid.epsg,
         "tiles": len(plan.tiles), "area_km2": round(plan.area_km2, 4),
         "patches_with_data": sum(r["valid_patches"] for r in results),
         "embedding_dim": plan.grid.dim, "seconds": round(seconds, 2),

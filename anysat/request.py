@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 from shapely.geometry import box, shape
+from shapely.errors import ShapelyError
 from shapely.geometry.base import BaseGeometry
 
 from .errors import RequestError
@@ -85,7 +86,7 @@ class RegionRequest(BaseModel):
 
                 return unary_union([shape(f["geometry"]) for f in gj["features"]])
             return shape(gj["geometry"] if gj.get("type") == "Feature" else gj)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, ShapelyError) as exc:
             raise ValueError(f"geojson is not a valid Geometry, Feature or FeatureCollection: {exc}")
 
     def modality_specs(self) -> list[ModalitySpec]:

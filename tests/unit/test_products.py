@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from anysat.products import LayerGrid, create_layer, read_layer, write_pca_preview, write_tile
+from anysat.errors import OutputNotWritableError
+from anysat.tiles import Tile
+
+TILES = [Tile(32631, 1106, 9353, 600.0), Tile(32631, 1107, 9353, 600.0), Tile(32631, 1107, 9352, 600.0)]
+
+
+def test_layer_round_trip_with_georeference(tmp_path):
+    uri = str(tmp_path / "layer.zarr")
+    grid = LayerGrid.covering(TILES, patch_size_m=60, dim=8)
+    create_layer(uri, grid, {"model": "test"})
+    rng = np.random.default_rng(0)
+    written = {t.id: rng.normal(size=(10, 10, 8)).astype("float32") for t in TILES[:2]}
+    for tile in TILES[:2]:
+        write_tile(uri, grid, tile, written[tile.id])
+    ds = read_layer(uri)
+    assert ds.embedding.dims == ("y", "x", "band") and ds.embedding.shape == (20, 20, 8)
+    assert ds.embedding.encoding["chunks"] == (10, 10, 8)
+    assert ds.rio.crs.to_epsg() == 32631
+    assert tuple(ds.rio.transform())[:6] == (60.0, 0.0, 663600.0, 0.0, -60.0, 5612400.0)
+    np.testing.assert_array_equal(ds.embedding[:10, :10].values, written[TILES[0].id])
+    np.testing.assert_array_equal(ds.embedding[:10, 10:].values, written[TILES[1].id])
+    assert np.isnan(ds.embedding[10:, :].values).all()   # tiles not written read as nodata
+    assert float(ds.x[0]) == 663630.0 and float(ds.y[0]) == 5612370.0  # pixel centres
+
+
+def test_existing_layer_is_reused_only_on_the_same_grid(tmp_path):
+    uri = str(tmp_path / "layer.zarr")
+    grid = LayerGrid.covering(TILES, patch_size_m=60, dim=8)
+    create_layer(uri, grid, {})
+    write_tile(uri, grid, TILES[0], np.ones((10, 10, 8), "float32"))
+    create_layer(uri, grid, {})     # resume: keeps what was written
+    assert float(read_layer(uri).embedding[0, 0, 0]) == 1.0
+    with pytest.raises(OutputNotWritableError, match="another grid"):
+        create_layer(uri, LayerGrid.covering(TILES, patch_size_m=30, dim=8), {})
+
+
+def test_pca_preview_png(tmp_path):
+    emb = np.random.default_rng(1).normal(size=(20, 30, 16)).astype("float32")
+    emb[:5] = np.nan
+    size = write_pca_preview(emb, str(tmp_path / "p" / "preview.png"))
+    image = np.asarray(Image.open(tmp_path / "p" / "preview.png"))
+    assert size == (270, 180) and image.shape == (180, 270, 4)
+    assert (image[: 5 * 9, :, 3] == 0).all() and (image[5 * 9:, :, 3] == 255).all()
+    assert image[5 * 9:, :, :3].std() > 20       # the colours carry the embedding's variance

@@ -1,0 +1,56 @@
+import pytest
+
+from anysat.errors import RequestError
+from anysat.request import RegionRequest
+from tests.conftest import DEMO_BBOX
+
+
+def build(**kw):
+    fields = {"bbox": DEMO_BBOX, "start": "2021-01-01", "end": "2021-06-30", **kw}
+    return RegionRequest.build(**fields)
+
+
+def test_valid_request_keeps_units():
+    r = build(patch_size_m=60, tile_size_m=600)
+    assert r.geometry.bounds == pytest.approx(DEMO_BBOX)
+    assert [s.name for s in r.modality_specs()] == ["sentinel-2-l2a", "sentinel-1", "copernicus-dem"]
+
+
+def test_start_after_end():
+    with pytest.raises(RequestError, match="start 2021-06-30 is after end 2021-01-01"):
+        build(start="2021-06-30", end="2021-01-01")
+
+
+@pytest.mark.parametrize("bbox", [(10, 50, 5, 51), (5, 95, 6, 96), (200, 0, 201, 1)])
+def test_bad_bbox(bbox):
+    with pytest.raises(RequestError, match="west < east and south < north"):
+        build(bbox=bbox)
+
+
+def test_bbox_or_geojson_not_both():
+    with pytest.raises(RequestError, match="exactly one of bbox or geojson"):
+        build(geojson={"type": "Point", "coordinates": [5.3, 50.6]})
+
+
+def test_geojson_feature_collection():
+    fc = {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {},
+          "geometry": {"type": "Polygon", "coordinates": [[[5.32, 50.63], [5.33, 50.63],
+                                                           [5.33, 50.635], [5.32, 50.63]]]}}]}
+    r = build(bbox=None, geojson=fc)
+    assert r.geometry.bounds == pytest.approx((5.32, 50.63, 5.33, 50.635))
+    with pytest.raises(RequestError, match="geojson is not a valid"):
+        build(bbox=None, geojson={"type": "Feature", "geometry": {"type": "Blob"}})
+
+
+def test_patch_size_not_multiple_of_gsd_names_the_sensor():
+    r = build(patch_size_m=20, tile_size_m=600)
+    with pytest.raises(RequestError, match="patch_size_m 20 is not a multiple of the 30 m GSD of sensor 'copernicus-dem'"):
+        r.modality_specs()
+    assert len(build(patch_size_m=20, sensors=("s2", "s1")).modality_specs()) == 2
+    with pytest.raises(RequestError, match="patch_size_m 15 is not a multiple of the 10 m GSD"):
+        build(patch_size_m=15, tile_size_m=600, sensors=("s2",)).modality_specs()
+
+
+def test_tile_size_not_multiple_of_patch():
+    with pytest.raises(RequestError, match="tile_size_m 500 is not a multiple of patch_size_m 30"):
+        build(tile_size_m=500)
