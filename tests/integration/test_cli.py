@@ -1,0 +1,86 @@
+"""`anysat embed` as a user runs it: a real subprocess on the demo catalog."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import rioxarray  # noqa: F401 - .rio accessor
+import pytest
+import xarray as xr
+
+from tests.conftest import DEMO_BBOX, SMALL_BBOX
+
+pytestmark = pytest.mark.integration
+
+
+def embed(*args: str, output, wait=True):
+    cmd = [sys.executable, "-m", "anysat.cli", "embed", "--demo", "--output", str(output), *args]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_embed_small_region_writes_layer_preview_and_manifest(tmp_path):
+    bbox = ",".join(map(str, SMALL_BBOX))
+    result = embed("--bbox", bbox, "--sensors", "s2,s1", "--patch-size-m", "20", output=tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    manifest = json.loads((tmp_path / "run.json").read_text())
+    assert printed["layer"] == manifest["layer"] and manifest["tiles"] == 1
+    layer = xr.open_zarr(manifest["layer"], consolidated=False, decode_coords="all")
+    emb = layer.embedding.values
+    assert emb.shape == (30, 30, 256) and np.isfinite(emb).all()      # central tile: all data
+    assert layer.rio.crs.to_epsg() == 32631 and layer.rio.resolution() == (20.0, -20.0)
+    assert (tmp_path / "preview" / "EPSG32631_pca.png").stat().st_size > 1000
+    assert "tiles" in result.stderr and "km2" in result.stderr      # progress in domain terms
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bbox", "10,45,10.1,45.1"], "no sentinel-2-l2a items (collection 'sentinel-2-l2a') in catalog demo intersect"),
+    (["--start", "2021-06-01", "--end", "2021-01-01"], "start 2021-06-01 is after end 2021-01-01"),
+    (["--sensors", "s2,sentinel-9"], "unknown sensor(s) 'sentinel-9'"),
+    (["--patch-size-m", "20"], "patch_size_m 20 is not a multiple of the 30 m GSD of sensor 'copernicus-dem'"),
+])
+def test_bad_input_gets_one_clear_error(tmp_path, args, message):
+    result = embed(*args, output=tmp_path / "out")
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_unwritable_output(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = embed(output=blocker / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"cannot write to output {blocker / 'out'}" in result.stderr
+
+
+def test_killed_run_leaves_nothing_looking_complete_and_resumes(tmp_path):
+    out = tmp_path / "killed"
+    proc = embed("--tiles-per-batch", "1", output=out, wait=False)
+    deadline = time.time() + 300
+    while not list((out / "tiles").glob("*.json")) if (out / "tiles").exists() else True:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = {p.name for p in (out / "tiles").glob("*.json")}
+    assert 1 <= len(done_before) < 9 and not (out / "run.json").exists()
+
+    resumed = embed("--tiles-per-batch", "1", output=out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "run.json").read_text())["tiles"] == 9
+    # the resumed layer equals an uninterrupted run's
+    fresh = embed(output=tmp_path / "fresh")
+    assert fresh.returncode == 0, fresh.stderr
+    a = xr.open_zarr(json.loads((out / "run.json").read_text())["layer"], consolidated=False)
+    b = xr.open_zarr(json.loads((tmp_path / "fresh" / "run.json").read_text())["layer"], consolidated=False)
+    np.testing.assert_allclose(a.embedding.values, b.embedding.values, rtol=1e-5, atol=1e-5)
+    assert np.isfinite(a.embedding.values).all(axis=-1).sum() == 34 * 34   # 1 km2 at 30 m patches
