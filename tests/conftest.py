@@ -79,6 +79,13 @@ def prefect_api(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
     os.environ.update({"PREFECT_API_URL": api, "PREFECT_HOME": str(home)})
     yield api
+    # Send what Prefect still queues (logs, events) while the server is up, or its workers
+    # keep retrying a closed port at interpreter exit.
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=15)
+    EventsWorker.drain_all(timeout=15)
     proc.terminate()
     proc.wait(timeout=30)
     for k, v in saved.items():
