@@ -128,9 +128,11 @@ def embed_tile(plan: RunPlan, tile: Tile) -> dict:
         dates[spec.name] = int(cube.sizes["time"])
     valid_patches = 0
     if batch:
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
         with torch.inference_mode():
-            patches = model(batch, request.patch_size_m, output="patch")[0].numpy()
-            valid = model.patch_validity(batch, request.patch_size_m)[0].numpy()
+            patches = model(batch, request.patch_size_m, output="patch")[0].float().cpu().numpy()
+            valid = model.patch_validity(batch, request.patch_size_m)[0].cpu().numpy()
         patches[~valid] = np.nan
         valid_patches = int(valid.sum())
         if valid_patches:

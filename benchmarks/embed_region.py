@@ -1,0 +1,52 @@
+"""Throughput of the embed-region pipeline (CLI path, no Prefect) on the demo catalog.
+
+Prints one JSON line per case: case, tiles, area_km2, seconds, seconds_per_tile, km2_per_s,
+peak_rss_mb. Runs on CPU, or on GPU with --device cuda (the model only; I/O stays on CPU).
+
+    .venv/bin/python benchmarks/embed_region.py [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+
+import torch
+
+from anysat.pipeline import get_model, run_region
+from anysat.request import RegionRequest
+
+DEMO_BBOX = (5.3189, 50.6286, 5.3334, 50.6378)
+CASES = {
+    "demo_s2_s1_dem_patch30": dict(sensors=("s2", "s1", "dem"), patch_size_m=30.0),
+    "demo_s2_s1_patch20": dict(sensors=("s2", "s1"), patch_size_m=20.0),
+    "demo_s2_patch10": dict(sensors=("s2",), patch_size_m=10.0),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    for case, fields in CASES.items():
+        with tempfile.TemporaryDirectory() as out:
+            request = RegionRequest.build(bbox=DEMO_BBOX, start="2020-11-01", end="2021-10-31",
+                                          output_uri=out, **fields)
+            get_model(request.model, request.sensors).to(args.device)
+            started = time.perf_counter()
+            manifest = run_region(request)
+            seconds = time.perf_counter() - started
+        print(json.dumps({
+            "case": case, "device": args.device, "torch_threads": torch.get_num_threads(),
+            "tiles": manifest["tiles"], "area_km2": manifest["area_km2"],
+            "seconds": round(seconds, 2), "seconds_per_tile": round(seconds / manifest["tiles"], 3),
+            "km2_per_s": round(manifest["area_km2"] / seconds, 4),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
