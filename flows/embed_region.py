@@ -13,6 +13,8 @@ import sys
 import time
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "anysat")  # library logs reach Prefect
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")     # scheduler chatter off
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network to report to
 
 from prefect import flow, get_run_logger, task, unmapped  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
