@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -82,6 +83,7 @@ def load_spec(path: Path) -> ModalitySpec:
         raise SpecError(f"{path}: invalid modality spec: {problems}") from None
 
 
+@lru_cache(maxsize=8)  # spec files are read once per process, not per tile
 def available_specs(directory: Path | None = None) -> dict[str, ModalitySpec]:
     specs = [load_spec(p) for p in sorted((directory or modalities_dir()).glob("*.yaml"))]
     return {s.name: s for s in specs}

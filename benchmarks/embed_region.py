@@ -16,10 +16,10 @@ import time
 
 import torch
 
+from anysat.cli import DEMO_BBOX, DEMO_DATES
 from anysat.pipeline import get_model, run_region
 from anysat.request import RegionRequest
 
-DEMO_BBOX = (5.3189, 50.6286, 5.3334, 50.6378)
 CASES = {
     "demo_s2_s1_dem_patch30": dict(sensors=("s2", "s1", "dem"), patch_size_m=30.0),
     "demo_s2_s1_patch20": dict(sensors=("s2", "s1"), patch_size_m=20.0),
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     for case, fields in CASES.items():
         with tempfile.TemporaryDirectory() as out:
-            request = RegionRequest.build(bbox=DEMO_BBOX, start="2020-11-01", end="2021-10-31",
+            request = RegionRequest.build(bbox=DEMO_BBOX, start=DEMO_DATES[0], end=DEMO_DATES[1],
                                           output_uri=out, **fields)
             get_model(request.model, request.sensors).to(args.device)
             started = time.perf_counter()

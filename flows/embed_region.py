@@ -88,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         request = request_from_args(args)
-        params = request.model_dump(mode="json")
-        params["bbox"] = list(params["bbox"]) if params["bbox"] else None
-        manifest = embed_region(**params)
+        manifest = embed_region(**request.model_dump(mode="json"))
     except AnySatError as exc:
         print(f"embed-region: error: {exc}", file=sys.stderr)
         return 2

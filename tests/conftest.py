@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from anysat.cli import DEMO_BBOX  # noqa: F401 - the whole demo footprint (1 km2)
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CATALOG = ROOT / "catalogs" / "demo"
-DEMO_BBOX = (5.3189, 50.6286, 5.3334, 50.6378)   # the whole demo footprint (1 km2)
 # A 600 m tile fully inside the demo footprint, and a small bbox inside that tile.
 CENTRAL_TILE = (32631, 1107, 9352, 600.0)
 SMALL_BBOX = (5.3245, 50.6318, 5.3275, 50.6340)

@@ -27,7 +27,7 @@ def build_model(size: str, specs: list[ModalitySpec], seed: int = 0) -> AnySat:
 
 def save_checkpoint(model: AnySat, uri: str, provenance: dict | None = None) -> None:
     """Write weights, then the config that names their sha256 (the config marks it complete)."""
-    weights = save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()})
+    weights = _weights_bytes(model)
     meta = {"config": model.config.to_dict(), "sha256": hashlib.sha256(weights).hexdigest(),
             "provenance": provenance or {}}
     storage.write_bytes_atomic(storage.join(uri, WEIGHTS), weights)
@@ -56,6 +56,10 @@ def load_model(name_or_uri: str, specs: list[ModalitySpec] | None = None, seed: 
     return model.eval()
 
 
+def _weights_bytes(model: AnySat) -> bytes:
+    return save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()})
+
+
 def weights_sha256(model: AnySat) -> str:
-    return hashlib.sha256(save_safetensors(
-        {k: v.contiguous() for k, v in model.state_dict().items()})).hexdigest()
+    """The sha256 a checkpoint of this model records (a model's id in products)."""
+    return hashlib.sha256(_weights_bytes(model)).hexdigest()

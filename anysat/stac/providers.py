@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import yaml
@@ -23,6 +24,7 @@ class Provider:
     signing: str | None = None
 
 
+@lru_cache(maxsize=1)
 def known_providers() -> dict[str, Provider]:
     path = catalogs_dir() / "providers.yaml"
     raw = yaml.safe_load(path.read_text())
