@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
+                      model_validator)
 
 from .errors import SpecError
 from .resources import catalogs_dir
@@ -32,6 +33,9 @@ class ModalitySpec(BaseModel):
     title: str = ""
     gsd_m: PositiveFloat
     time_series: bool
+    # Single-image VHR sensors: the model reads s x s pixel blocks as one sub-patch
+    # (a sub-patch is gsd_m * subpatch_px metres wide). Time series: 1 (one pixel).
+    subpatch_px: PositiveInt = 1
     collections: dict[str, str]
     bands: tuple[BandSpec, ...] = Field(min_length=1)
     nodata: float | None = None
@@ -46,6 +50,16 @@ class ModalitySpec(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"band names repeat: {names}")
         return self
+
+    @model_validator(mode="after")
+    def _subpatch_for_images_only(self) -> ModalitySpec:
+        if self.time_series and self.subpatch_px != 1:
+            raise ValueError("subpatch_px applies to single-image sensors; time series use 1")
+        return self
+
+    @property
+    def subpatch_m(self) -> float:
+        return self.gsd_m * self.subpatch_px
 
     @property
     def band_names(self) -> list[str]:

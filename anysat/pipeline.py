@@ -23,11 +23,12 @@ from .cube import load_cube, read_cube
 from .errors import CheckpointError, NoItemsError
 from .model import AnySat, load_model
 from .model.checkpoint import weights_sha256
-from .modalities import resolve_sensors
+from .modalities import ModalitySpec, resolve_sensors
 from .products import LayerGrid, create_layer, write_pca_preview, write_tile
 from .products.zarr_layer import read_layer
 from .request import RegionRequest
 from .stac import resolve_provider, search_items
+from .stac.providers import Provider
 from .stac.signing import url_signer
 from .tiles import Tile, plan_tiles
 
@@ -104,6 +105,26 @@ def _days_since_epoch(times: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(times.astype("datetime64[D]").astype("int64").astype("float32"))
 
 
+def load_tile_batch(provider: Provider, specs: list[ModalitySpec], tile: Tile, start: dt.date,
+                    end: dt.date) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """A model batch (B = 1) of every sensor with items over the tile, and its date counts.
+    Sensors without items are left out: AnySat takes any subset of its sensors."""
+    signer = url_signer(provider)
+    batch: dict[str, torch.Tensor] = {}
+    dates: dict[str, int] = {}
+    for spec in specs:
+        try:
+            items = search_items(provider, spec, box(*tile.bbox_lonlat), start, end)
+        except NoItemsError:
+            continue
+        cube = read_cube(load_cube(items, spec, tile.geobox(spec.gsd_m), naming=provider.naming,
+                                   patch_url=signer))
+        batch[spec.name] = torch.from_numpy(cube.values)[None]
+        batch[f"{spec.name}_dates"] = _days_since_epoch(cube.time.values)[None]
+        dates[spec.name] = int(cube.sizes["time"])
+    return batch, dates
+
+
 def embed_tile(plan: RunPlan, tile: Tile) -> dict:
     """Search, load, embed and write one tile, then mark it done. Skips a tile already done."""
     marker = plan.marker_uri(tile)
@@ -111,21 +132,9 @@ def embed_tile(plan: RunPlan, tile: Tile) -> dict:
         return {**json.loads(storage.read_bytes(marker)), "skipped": True}
     started = time.perf_counter()
     request = plan.request
-    provider = resolve_provider(request.catalog)
-    signer = url_signer(provider)
     model = get_model(request.model, request.sensors)
-    batch: dict[str, torch.Tensor] = {}
-    dates: dict[str, int] = {}
-    for spec in request.modality_specs():
-        try:
-            items = search_items(provider, spec, box(*tile.bbox_lonlat), request.start, request.end)
-        except NoItemsError:
-            continue  # AnySat takes any subset of its sensors
-        cube = read_cube(load_cube(items, spec, tile.geobox(spec.gsd_m), naming=provider.naming,
-                                   patch_url=signer))
-        batch[spec.name] = torch.from_numpy(cube.values)[None]
-        batch[f"{spec.name}_dates"] = _days_since_epoch(cube.time.values)[None]
-        dates[spec.name] = int(cube.sizes["time"])
+    batch, dates = load_tile_batch(resolve_provider(request.catalog), request.modality_specs(),
+                                   tile, request.start, request.end)
     valid_patches = 0
     if batch:
         device = next(model.parameters()).device

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -9,11 +10,12 @@ from torch import nn
 
 from ..errors import ModelInputError
 from .config import AnySatConfig, ModalityConfig
-from .layers import Block, sincos_2d_m
-from .temporal import PixelTemporalEncoder
-from .tokenizer import SubPatchMerger
+from .layers import Block, FusionBlock, patch_centres_m, sincos_2d_m
+from .projectors import BlockProjector, TemporalProjector
+from .subpatch import SubPatchEncoder
 
 Output = Literal["tile", "patch", "dense"]
+POSITION_UNIT_M = 10.0
 
 
 def _multiple(value: float, step: float) -> bool:
@@ -21,40 +23,67 @@ def _multiple(value: float, step: float) -> bool:
     return ratio >= 1 - 1e-9 and abs(ratio - round(ratio)) < 1e-6
 
 
+@dataclass
+class Layout:
+    """The patch grid of a batch: grid x grid patches of patch_size_m, row-major."""
+
+    sensors: list[str]
+    side_m: float
+    patch_size_m: float
+
+    @property
+    def grid(self) -> int:
+        return round(self.side_m / self.patch_size_m)
+
+    def centres_m(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return patch_centres_m(self.grid, self.patch_size_m, device)
+
+
+@dataclass
+class SensorTokens:
+    tokens: torch.Tensor                  # [B, N, D] patch tokens (positions, sensor embedding)
+    valid: torch.Tensor                   # [B, N]
+    subpatches: torch.Tensor | None       # [B, N, S, D], for dense output
+    subpatch_valid: torch.Tensor          # [B, N, S]
+
+
 class AnySat(nn.Module):
     """Scale-adaptive multi-sensor encoder.
 
     Batch: for each sensor `m` the model was built for (any subset):
-      `m`: Tensor[B, T, C, H, W] in physical units (reflectance, dB, metres),
+      `m`: Tensor[B, T, C, H, W] in physical units (reflectance, dB, metres), T >= 1,
       `m_dates`: Tensor[B, T], days since 1970-01-01,
       `m_mask` (optional): bool Tensor[B, T, H, W], True where the pixel-date is valid
       (default: all bands finite). Invalid values are ignored, never averaged in.
-    Every sensor covers the same footprint: H * GSD equal for all. Patch size is in metres.
+    Every sensor covers the same footprint: H * GSD equal for all. Patch size is in metres
+    and a multiple of each sensor's sub-patch (its GSD, or s x s pixels for VHR images).
     """
 
     def __init__(self, config: AnySatConfig):
         super().__init__()
         self.config = config
         d = config.dim
-        self.encoders = nn.ModuleDict(
-            {m.name: PixelTemporalEncoder(m, d, config.temporal_heads) for m in config.modalities}
-        )
+        self.projectors = nn.ModuleDict({
+            m.name: (TemporalProjector(m, d, config.temporal_heads, config.temporal_key_dim)
+                     if m.time_series else BlockProjector(m, d))
+            for m in config.modalities})
         self.modality_embed = nn.ParameterDict(
-            {m.name: nn.Parameter(torch.randn(d) * 0.02) for m in config.modalities}
-        )
-        self.merger = SubPatchMerger(d, config.heads, config.subpatch_depth, config.mlp_ratio)
+            {m.name: nn.Parameter(torch.randn(d) * 0.02) for m in config.modalities})
+        self.subpatch_encoder = SubPatchEncoder(d, config.heads, config.subpatch_depth,
+                                                config.mlp_ratio)
         self.tile_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
-        self.blocks = nn.ModuleList(Block(d, config.heads, config.mlp_ratio) for _ in range(config.depth))
-        self.norm = nn.LayerNorm(d)
+        self.blocks = nn.ModuleList(Block(d, config.heads, config.mlp_ratio)
+                                    for _ in range(config.depth))
+        self.fusion = FusionBlock(d, config.heads, config.mlp_ratio)
+        self.norm = nn.LayerNorm(d, eps=1e-6)
 
     @property
     def modalities(self) -> dict[str, ModalityConfig]:
         return {m.name: m for m in self.config.modalities}
 
     # -- input checks -------------------------------------------------------------------------
-    def check_batch(self, batch: dict[str, torch.Tensor], patch_size_m: float
-                    ) -> tuple[list[str], float]:
-        """Names of the sensors present and the footprint side in metres; clear errors otherwise."""
+    def check_batch(self, batch: dict[str, torch.Tensor], patch_size_m: float) -> Layout:
+        """The sensors present and the footprint; one clear error for anything that does not fit."""
         known = self.modalities
         present = [k for k in batch if not k.endswith(("_dates", "_mask"))]
         unknown = [k for k in present if k not in known]
@@ -62,21 +91,30 @@ class AnySat(nn.Module):
             raise ModelInputError(f"model has no sensor {unknown}; it was built for {list(known)}")
         if not present:
             raise ModelInputError(f"batch holds no sensor; the model takes any of {list(known)}")
+        if not patch_size_m > 0:
+            raise ModelInputError(f"patch size must be positive metres, not {patch_size_m!r}")
         sides = {}
         for name in present:
             x, spec = batch[name], known[name]
             if x.ndim != 5 or x.shape[2] != len(spec.bands):
                 raise ModelInputError(
                     f"{name}: expected Tensor[B, T, {len(spec.bands)}, H, W], got {tuple(x.shape)}")
-            if f"{name}_dates" not in batch or batch[f"{name}_dates"].shape != x.shape[:2]:
+            dates = batch.get(f"{name}_dates")
+            if dates is None or dates.shape != x.shape[:2]:
                 raise ModelInputError(f"{name}: needs '{name}_dates' of shape {tuple(x.shape[:2])}")
-            if not _multiple(patch_size_m, spec.gsd_m):
-                raise ModelInputError(
-                    f"patch size {patch_size_m:g} m is not a multiple of {name}'s GSD {spec.gsd_m:g} m")
+            if not torch.isfinite(dates).all():
+                raise ModelInputError(f"{name}: '{name}_dates' holds NaN or infinite dates")
+            mask = batch.get(f"{name}_mask")
+            if mask is not None and mask.shape != (*x.shape[:2], *x.shape[3:]):
+                raise ModelInputError(f"{name}: '{name}_mask' must have shape "
+                                      f"{(*x.shape[:2], *x.shape[3:])}, got {tuple(mask.shape)}")
+            if not _multiple(patch_size_m, spec.subpatch_m):
+                what = "GSD" if spec.subpatch_px == 1 else f"{spec.subpatch_px}-pixel sub-patch"
+                raise ModelInputError(f"patch size {patch_size_m:g} m is not a multiple of "
+                                      f"{name}'s {what} {spec.subpatch_m:g} m")
             sides[name] = (x.shape[3] * spec.gsd_m, x.shape[4] * spec.gsd_m)
-            valid = self._valid(batch, name)
-            if torch.isnan(x).any(dim=2).logical_and(valid).any():
-                raise ModelInputError(f"{name}: NaN values in pixels marked valid")
+            if mask is not None and torch.isnan(x).any(dim=2).logical_and(mask.bool()).any():
+                raise ModelInputError(f"{name}: NaN values in pixels its mask marks valid")
         if len(set(sides.values())) != 1:
             raise ModelInputError(f"sensors cover different footprints (metres): {sides}")
         height_m, width_m = next(iter(sides.values()))
@@ -84,75 +122,127 @@ class AnySat(nn.Module):
             raise ModelInputError(
                 f"footprint {height_m:g} x {width_m:g} m is not a square multiple of the "
                 f"{patch_size_m:g} m patch size")
-        return present, height_m
+        return Layout(present, height_m, patch_size_m)
 
     @staticmethod
     def _valid(batch: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         mask = batch.get(f"{name}_mask")
         return torch.isfinite(batch[name]).all(dim=2) if mask is None else mask.bool()
 
-    # -- forward ------------------------------------------------------------------------------
-    def tokenize(self, batch: dict[str, torch.Tensor], patch_size_m: float):
-        """Per sensor: patch tokens [B, Np, D], patch validity [B, Np], sub-patch tokens."""
-        present, side_m = self.check_batch(batch, patch_size_m)
-        grid = round(side_m / patch_size_m)
-        centres = (torch.arange(grid, dtype=torch.float32) + 0.5) * patch_size_m
-        cy, cx = torch.meshgrid(centres, centres, indexing="ij")
-        position = sincos_2d_m(cx.reshape(-1), cy.reshape(-1), self.config.dim)
-        tokens, valid, subs = {}, {}, {}
-        for name in present:
-            spec = self.modalities[name]
-            pixels, pixel_valid = self.encoders[name](batch[name], batch[f"{name}_dates"],
-                                                     self._valid(batch, name))
-            patch, patch_valid, sub = self.merger(pixels, pixel_valid, spec.gsd_m, patch_size_m)
-            tokens[name] = patch + position.to(patch) + self.modality_embed[name]
-            valid[name], subs[name] = patch_valid, (sub, pixel_valid)
-        return present, grid, tokens, valid, subs
+    # -- tokenization -------------------------------------------------------------------------
+    def _subpatch_pixels(self, batch, name: str, layout: Layout, patches: torch.Tensor | None):
+        """The pixels of each sub-patch of each (kept) patch: [B, N, S, ...] and validity."""
+        spec = self.modalities[name]
+        x, valid, dates = batch[name], self._valid(batch, name), batch[f"{name}_dates"]
+        b, t, c = x.shape[:3]
+        g, s = layout.grid, spec.subpatch_px
+        k = round(layout.patch_size_m / spec.subpatch_m)
+        if spec.time_series:   # [B, T, C, g, k, g, k] -> [B, g*g, k*k, T, C]
+            x = x.view(b, t, c, g, k, g, k).permute(0, 3, 5, 4, 6, 1, 2).reshape(b, g * g, k * k, t, c)
+            valid = valid.view(b, t, g, k, g, k).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, k * k, t)
+        else:  # one image: per pixel its latest valid date; blocks of s x s pixels
+            latest = torch.where(valid, dates[:, :, None, None], float("-inf")).argmax(dim=1)
+            x = x.gather(1, latest[:, None, None].expand(b, 1, c, *x.shape[3:]))[:, 0]
+            valid = valid.any(dim=1)
+            x = x.view(b, c, g, k, s, g, k, s).permute(0, 2, 5, 3, 6, 1, 4, 7)
+            x = x.reshape(b, g * g, k * k, c, s * s)
+            valid = valid.view(b, g, k, s, g, k, s).permute(0, 1, 4, 2, 5, 3, 6)
+            valid = valid.reshape(b, g * g, k * k, s * s)
+        if patches is not None:
+            rows = torch.arange(b, device=x.device)[:, None]
+            x, valid = x[rows, patches], valid[rows, patches]
+        return x, valid, dates
+
+    def embed_sensor(self, batch, name: str, layout: Layout, position: torch.Tensor,
+                     patches: torch.Tensor | None = None, keep_subpatches: bool = False
+                     ) -> SensorTokens:
+        """One sensor -> one token per (kept) patch, with its position and sensor embedding."""
+        spec = self.modalities[name]
+        x, valid, dates = self._subpatch_pixels(batch, name, layout, patches)
+        b, n, s = x.shape[:3]
+        if spec.time_series:
+            sub, sub_valid = self.projectors[name](x.flatten(1, 2), valid.flatten(1, 2), dates)
+        else:
+            sub, sub_valid = self.projectors[name](x.flatten(1, 2), valid.flatten(1, 2))
+        sub, sub_valid = sub.view(b, n, s, -1), sub_valid.view(b, n, s)
+        patch, patch_valid, subs = self.subpatch_encoder(
+            sub, sub_valid, layout.patch_size_m, spec.subpatch_m, keep_subpatches)
+        tokens = (patch + position + self.modality_embed[name]) * patch_valid[..., None]
+        return SensorTokens(tokens, patch_valid, subs, sub_valid)
+
+    def positions(self, layout: Layout, patches: torch.Tensor | None, batch_size: int,
+                  device=None) -> torch.Tensor:
+        """[B, N, D] sine-cosine codes of the (kept) patch centres, in metres."""
+        cx, cy = layout.centres_m(device)
+        code = sincos_2d_m(cx, cy, self.config.dim, POSITION_UNIT_M)
+        if patches is None:
+            return code.expand(batch_size, -1, -1)
+        return code[patches]
+
+    # -- encoder ------------------------------------------------------------------------------
+    def encode(self, sensors: dict[str, SensorTokens], position: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Transformer over the tile token and every sensor's patch tokens, then the fusion
+        block -> tile [B, D], patches [B, N, D], per-sensor tokens before fusion [B, M, N, D]."""
+        names = list(sensors)
+        first = sensors[names[0]].tokens
+        b, n, d = first.shape
+        x = torch.cat([self.tile_token.expand(b, 1, d).to(first.dtype),
+                       *(sensors[m].tokens for m in names)], dim=1)
+        keep = torch.cat([first.new_ones(b, 1, dtype=torch.bool),
+                          *(sensors[m].valid for m in names)], dim=1)
+        keep_mask = None if bool(keep.all()) else keep
+        for block in self.blocks:
+            x = block(x, keep_mask)
+        tokens = x[:, 1:].view(b, len(names), n, d)
+        tile, patches = self.fusion(x[:, 0], tokens, keep[:, 1:].view(b, len(names), n), position)
+        return self.norm(tile), self.norm(patches), tokens
+
+    def forward_features(self, batch: dict[str, torch.Tensor], patch_size_m: float,
+                         patches: torch.Tensor | None = None, keep_subpatches: bool = False):
+        """(layout, sensor tokens, tile [B, D], patches [B, N, D], pre-fusion tokens);
+        `patches` [B, N] selects the patches to encode (the JEPA context), default all."""
+        layout = self.check_batch(batch, patch_size_m)
+        b = batch[layout.sensors[0]].shape[0]
+        device = batch[layout.sensors[0]].device
+        position = self.positions(layout, patches, b, device)
+        sensors = {m: self.embed_sensor(batch, m, layout, position, patches, keep_subpatches)
+                   for m in layout.sensors}
+        tile, patch_tokens, per_sensor = self.encode(sensors, position)
+        return layout, sensors, tile, patch_tokens, per_sensor
 
     def forward(self, batch: dict[str, torch.Tensor], patch_size_m: float,
                 output: Output = "patch") -> torch.Tensor:
-        """`tile` [B, D]; `patch` [B, H/P, W/P, D]; `dense` [B, H', W', 2D] at the finest GSD."""
+        """`tile` [B, D]; `patch` [B, H/P, W/P, D]; `dense` [B, H', W', 2D] at the finest
+        sub-patch size (each sub-patch: its patch token and its own token)."""
         if output not in ("tile", "patch", "dense"):
             raise ModelInputError(f"output must be 'tile', 'patch' or 'dense', not {output!r}")
-        present, grid, tokens, valid, subs = self.tokenize(batch, patch_size_m)
-        b, n = tokens[present[0]].shape[:2]
-        x = torch.cat([self.tile_token.expand(b, 1, -1), *tokens.values()], dim=1)
-        keep = torch.cat([valid[present[0]].new_ones(b, 1), *valid.values()], dim=1)
-        for block in self.blocks:
-            x = block(x, keep)
-        x = self.norm(x)
+        layout, sensors, tile, patches, _ = self.forward_features(
+            batch, patch_size_m, keep_subpatches=output == "dense")
         if output == "tile":
-            return x[:, 0]
-        per_sensor = x[:, 1:].view(b, len(present), n, -1)
-        weight = torch.stack(list(valid.values()), dim=1)[..., None].to(x.dtype)
-        patch = (per_sensor * weight).sum(1) / weight.sum(1).clamp(min=1)   # fuse sensors per patch
+            return tile
+        b, n, d = patches.shape
+        g = layout.grid
         if output == "patch":
-            return patch.view(b, grid, grid, -1)
-        return self._dense(patch, present, grid, subs, patch_size_m)
-
-    def _dense(self, patch, present, grid, subs, patch_size_m):
-        finest = min(self.modalities[m].gsd_m for m in present)
-        names = [m for m in present if self.modalities[m].gsd_m == finest]
+            return patches.view(b, g, g, d)
+        finest = min(self.modalities[m].subpatch_m for m in layout.sensors)
+        names = [m for m in layout.sensors if self.modalities[m].subpatch_m == finest]
         k = round(patch_size_m / finest)
-        b, n, d = patch.shape
-        sub = torch.stack([subs[m][0] for m in names], 1)                   # [B, S, Np, k*k, D]
-        sub_valid = torch.stack([
-            subs[m][1].view(b, grid, k, grid, k).permute(0, 1, 3, 2, 4).reshape(b, n, k * k)
-            for m in names], 1)[..., None].to(sub.dtype)
-        sub = (sub * sub_valid).sum(1) / sub_valid.sum(1).clamp(min=1)     # [B, Np, k*k, D]
-        dense = torch.cat([patch[:, :, None].expand(-1, -1, k * k, -1), sub], dim=-1)
-        dense = dense.view(b, grid, grid, k, k, 2 * d).permute(0, 1, 3, 2, 4, 5)
-        return dense.reshape(b, grid * k, grid * k, 2 * d)
+        sub = torch.stack([sensors[m].subpatches for m in names], 1)            # [B, M, N, S, D]
+        weight = torch.stack([sensors[m].subpatch_valid for m in names], 1)[..., None].to(sub.dtype)
+        sub = (sub * weight).sum(1) / weight.sum(1).clamp(min=1)
+        dense = torch.cat([patches[:, :, None].expand(-1, -1, k * k, -1), sub], dim=-1)
+        dense = dense.view(b, g, g, k, k, 2 * d).permute(0, 1, 3, 2, 4, 5)
+        return dense.reshape(b, g * k, g * k, 2 * d)
 
     @torch.no_grad()
     def patch_validity(self, batch: dict[str, torch.Tensor], patch_size_m: float) -> torch.Tensor:
         """[B, H/P, W/P] bool: patches where at least one sensor has a valid pixel-date."""
-        present, side_m = self.check_batch(batch, patch_size_m)
-        grid = round(side_m / patch_size_m)
-        out = None
-        for name in present:
+        layout = self.check_batch(batch, patch_size_m)
+        g, out = layout.grid, None
+        for name in layout.sensors:
             k = round(patch_size_m / self.modalities[name].gsd_m)
             v = self._valid(batch, name).any(dim=1)
-            v = v.view(v.shape[0], grid, k, grid, k).any(dim=(2, 4))
+            v = v.view(v.shape[0], g, k, g, k).any(dim=(2, 4))
             out = v if out is None else out | v
         return out

@@ -19,10 +19,10 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-def build_model(size: str, specs: list[ModalitySpec], seed: int = 0) -> AnySat:
+def build_model(size: str, specs: list[ModalitySpec], seed: int = 0, **overrides) -> AnySat:
     """A freshly initialised model (seeded, so two builds are identical)."""
     torch.manual_seed(seed)
-    return AnySat(AnySatConfig.from_size(size, specs)).eval()
+    return AnySat(AnySatConfig.from_size(size, specs, **overrides)).eval()
 
 
 def save_checkpoint(model: AnySat, uri: str, provenance: dict | None = None) -> None:

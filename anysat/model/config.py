@@ -6,8 +6,13 @@ from dataclasses import asdict, dataclass, field
 
 from ..modalities import ModalitySpec
 
-# (dim, depth, heads) as in the official AnySat configs.
-SIZES = {"tiny": (256, 2, 4), "small": (512, 4, 8), "base": (768, 6, 12)}
+# name: (dim, depth, heads) of the encoder, as in the official AnySat configs, plus the
+# JEPA predictor (dim, depth, heads); the official base predictor is 768-d, 4 blocks, 16 heads.
+SIZES = {
+    "tiny": {"dim": 256, "depth": 2, "heads": 4, "predictor": (256, 2, 8)},
+    "small": {"dim": 512, "depth": 4, "heads": 8, "predictor": (512, 4, 16)},
+    "base": {"dim": 768, "depth": 6, "heads": 12, "predictor": (768, 4, 16)},
+}
 
 
 @dataclass(frozen=True)
@@ -20,11 +25,17 @@ class ModalityConfig:
     time_series: bool
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    subpatch_px: int = 1
 
     @classmethod
     def from_spec(cls, spec: ModalitySpec) -> ModalityConfig:
         return cls(spec.name, tuple(spec.band_names), float(spec.gsd_m), spec.time_series,
-                   tuple(b.mean for b in spec.bands), tuple(b.std for b in spec.bands))
+                   tuple(b.mean for b in spec.bands), tuple(b.std for b in spec.bands),
+                   spec.subpatch_px)
+
+    @property
+    def subpatch_m(self) -> float:
+        return self.gsd_m * self.subpatch_px
 
 
 @dataclass(frozen=True)
@@ -33,18 +44,23 @@ class AnySatConfig:
     dim: int = 256
     depth: int = 2
     heads: int = 4
+    # The sub-patch transformer (sub-patch tokens of a patch -> the patch token). The official
+    # base repeats the encoder's depth here (6 x 768-d over every sub-patch): most of its
+    # compute. One block is our default; set it to `depth` for the official layout.
     subpatch_depth: int = 1
-    temporal_heads: int = 4
+    temporal_heads: int = 16
+    temporal_key_dim: int = 8
     mlp_ratio: float = 4.0
     size: str = "tiny"
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_size(cls, size: str, specs: list[ModalitySpec]) -> AnySatConfig:
+    def from_size(cls, size: str, specs: list[ModalitySpec], **overrides) -> AnySatConfig:
         if size not in SIZES:
             raise ValueError(f"unknown model size '{size}'; sizes: {', '.join(SIZES)}")
-        dim, depth, heads = SIZES[size]
-        return cls(tuple(ModalityConfig.from_spec(s) for s in specs), dim, depth, heads, size=size)
+        s = SIZES[size]
+        return cls(tuple(ModalityConfig.from_spec(sp) for sp in specs), s["dim"], s["depth"],
+                   s["heads"], size=size, **overrides)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,4 +1,4 @@
-"""Shared transformer pieces: fused attention blocks and sine-cosine encodings."""
+"""Shared transformer pieces: fused attention blocks, the modality-fusion block, encodings."""
 
 from __future__ import annotations
 
@@ -9,6 +9,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def mlp(sizes: list[int], norm: bool = False, last_activation: bool = True) -> nn.Sequential:
+    """Linear (+ LayerNorm) + ReLU per layer, as in the official AnySat projectors."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2 or last_activation:
+            layers.extend([nn.LayerNorm(b)] if norm else [])
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _key_mask(keep: torch.Tensor | None) -> torch.Tensor | None:
+    return None if keep is None else keep[:, None, None, :]
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -16,13 +31,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, L, D]; keep [B, L] bool: keys that may be attended to (None = all)."""
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None,
+                queries: int | None = None) -> torch.Tensor:
+        """x [B, L, D]; keep [B, L] bool: keys that may be attended to (None = all).
+        `queries`: only the first n rows are computed (the others are not needed)."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        mask = None if keep is None else keep[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        h, dh = self.heads, d // self.heads
+        if queries is None:
+            q, k, v = self.qkv(x).view(b, n, 3, h, dh).permute(2, 0, 3, 1, 4)
+        else:  # project q for the rows wanted only; k, v for all
+            w_q, w_kv = self.qkv.weight.split([d, 2 * d]), self.qkv.bias.split([d, 2 * d])
+            q = F.linear(x[:, :queries], w_q[0], w_kv[0]).view(b, queries, h, dh).transpose(1, 2)
+            k, v = F.linear(x, w_q[1], w_kv[1]).view(b, n, 2, h, dh).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(keep))
+        return self.proj(out.transpose(1, 2).reshape(b, q.shape[2], d))
 
 
 class Block(nn.Module):
@@ -30,15 +52,68 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), keep)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None,
+                queries: int | None = None) -> torch.Tensor:
+        if queries is not None:
+            x = x[:, :queries] + self.attn(self.norm1(x), keep, queries)
+        else:
+            x = x + self.attn(self.norm1(x), keep)
         return x + self.mlp(self.norm2(x))
+
+
+class FusionBlock(nn.Module):
+    """Last encoder block (the official CrossBlockMulti): per patch, a learned query at the
+    patch's position cross-attends over the tile token and that patch's modality tokens, so
+    the sensors become one token per patch; the tile token's query attends over everything."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(),
+                                 nn.Linear(int(dim * mlp_ratio), dim))
+
+    def forward(self, tile: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor,
+                position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tile [B, D]; tokens [B, M, N, D] (M sensors, N patches); keep [B, M, N];
+        position [B, N, D] -> tile [B, D], patches [B, N, D]."""
+        b, m, n, d = tokens.shape
+        h, dh = self.heads, d // self.heads
+        tile, tokens = self.norm1(tile), self.norm1(tokens)
+        k_t, v_t = self.kv(tile).view(b, 1, 2, h, dh).unbind(2)                  # [B, 1, h, dh]
+        k, v = self.kv(tokens).view(b, m, n, 2, h, dh).unbind(3)                 # [B, M, N, h, dh]
+        # per patch: keys = tile token + the M sensor tokens of that patch
+        k_p = torch.cat([k_t[:, None].expand(b, n, 1, h, dh), k.transpose(1, 2)], 2)
+        v_p = torch.cat([v_t[:, None].expand(b, n, 1, h, dh), v.transpose(1, 2)], 2)
+        keep_p = torch.cat([keep.new_ones(b, n, 1), keep.transpose(1, 2)], 2)  # [B, N, 1+M]
+        q_p = self.q(self.query + position).view(b * n, 1, h, dh).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q_p, k_p.reshape(b * n, m + 1, h, dh).transpose(1, 2),
+            v_p.reshape(b * n, m + 1, h, dh).transpose(1, 2),
+            attn_mask=_key_mask(keep_p.reshape(b * n, m + 1)))
+        patches = self.proj(out.reshape(b, n, d))
+        # the tile token: keys = tile token + every valid sensor token
+        k_all = torch.cat([k_t, k.reshape(b, m * n, h, dh)], 1).transpose(1, 2)
+        v_all = torch.cat([v_t, v.reshape(b, m * n, h, dh)], 1).transpose(1, 2)
+        keep_all = torch.cat([keep.new_ones(b, 1), keep.reshape(b, m * n)], 1)
+        q_t = self.q(self.query).expand(b, 1, d).view(b, 1, h, dh).transpose(1, 2)
+        tile_out = self.proj(F.scaled_dot_product_attention(
+            q_t, k_all, v_all, attn_mask=_key_mask(keep_all)).reshape(b, d))
+        # no residual on the attention (as in the official block): the query is not a token
+        patches = patches + self.mlp(self.norm2(patches))
+        tile_out = tile_out + self.mlp(self.norm2(tile_out))
+        return tile_out, patches
 
 
 def sincos_1d(values: torch.Tensor, dim: int, max_period: float) -> torch.Tensor:
@@ -56,3 +131,10 @@ def sincos_2d_m(x_m: torch.Tensor, y_m: torch.Tensor, dim: int, unit_m: float = 
     """
     return torch.cat([sincos_1d(x_m / unit_m, dim // 2, 10000.0),
                       sincos_1d(y_m / unit_m, dim // 2, 10000.0)], dim=-1)
+
+
+def patch_centres_m(grid: int, patch_size_m: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y of the centres of a grid x grid layout of patches, row-major, in metres."""
+    centres = (torch.arange(grid, dtype=torch.float32, device=device) + 0.5) * patch_size_m
+    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+    return cx.reshape(-1), cy.reshape(-1)

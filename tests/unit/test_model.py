@@ -1,3 +1,4 @@
+import dataclasses
 import datetime as dt
 
 import pytest
@@ -7,7 +8,7 @@ from shapely.geometry import box
 from anysat.cube import load_cube, read_cube
 from anysat.errors import CheckpointError, ModelInputError
 from anysat.modalities import resolve_sensors
-from anysat.model import build_model, load_model, save_checkpoint
+from anysat.model import AnySat, AnySatConfig, build_model, load_model, save_checkpoint
 from anysat.stac import resolve_provider, search_items
 from anysat.tiles import Tile
 from tests.conftest import CENTRAL_TILE, DEMO_BBOX
@@ -87,18 +88,27 @@ def test_clear_errors(model, batch):
         model(small, 30)
     bad = batch["sentinel-1"].clone()
     bad[0, 0, 0, 0, 0] = float("nan")
-    with pytest.raises(ModelInputError, match="NaN values in pixels marked valid"):
+    with pytest.raises(ModelInputError, match="NaN values in pixels its mask marks valid"):
         model({**batch, "sentinel-1": bad, "sentinel-1_mask": torch.ones(1, 12, 60, 60, dtype=torch.bool)}, 30)
     with pytest.raises(ModelInputError, match="output must be"):
         model(batch, 30, "pixels")
+    dates = batch["sentinel-1_dates"].clone()
+    dates[0, 3] = float("nan")
+    with pytest.raises(ModelInputError, match="sentinel-1: 'sentinel-1_dates' holds NaN"):
+        model({**batch, "sentinel-1_dates": dates}, 30)
+    with pytest.raises(ModelInputError, match="not a square multiple of the 90 m patch"):
+        model(batch, 90)
 
 
 @torch.inference_mode()
 def test_checkpoint_round_trip_is_bit_exact(model, batch, tmp_path):
     save_checkpoint(model, str(tmp_path / "ckpt"), provenance={"note": "test"})
     loaded = load_model(str(tmp_path / "ckpt"))
-    assert torch.equal(model(batch, 30, "patch"), loaded(batch, 30, "patch"))
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    assert loaded.config == model.config
+    # outputs: equal up to BLAS kernel choice between two instances (last-bit differences)
+    torch.testing.assert_close(model(batch, 30, "patch"), loaded(batch, 30, "patch"),
+                               rtol=1e-5, atol=1e-5)
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"corrupt")
     with pytest.raises(CheckpointError, match="do not match the sha256"):
         load_model(str(tmp_path / "ckpt"))
@@ -106,6 +116,86 @@ def test_checkpoint_round_trip_is_bit_exact(model, batch, tmp_path):
         load_model(str(tmp_path / "missing"))
 
 
-def test_seeded_builds_are_identical():
+@torch.inference_mode()
+def test_seeded_builds_are_identical_and_deterministic(batch):
     a, b = build_model("tiny", SPECS, seed=3), build_model("tiny", SPECS, seed=3)
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert torch.equal(a(batch, 30, "patch"), a(batch, 30, "patch"))   # one instance: bit-exact
+    torch.testing.assert_close(a(batch, 30, "patch"), b(batch, 30, "patch"), rtol=1e-5, atol=1e-5)
+    c = build_model("tiny", SPECS, seed=4)
+    assert not torch.equal(a(batch, 30, "tile"), c(batch, 30, "tile"))
+
+
+@torch.inference_mode()
+def test_shuffling_dates_with_their_timestamps_changes_nothing(model, batch):
+    order = torch.tensor([5, 0, 11, 3, 7, 1, 9, 2, 10, 4, 8, 6])
+    shuffled = dict(batch)
+    for name in ("sentinel-2-l2a", "sentinel-1"):
+        shuffled[name] = batch[name][:, order]
+        shuffled[f"{name}_dates"] = batch[f"{name}_dates"][:, order]
+    torch.testing.assert_close(model(batch, 30, "patch"), model(shuffled, 30, "patch"),
+                               rtol=1e-4, atol=1e-4)
+    # the dates are read: the same pixels at other dates give other embeddings
+    moved = {**batch, "sentinel-2-l2a_dates": batch["sentinel-2-l2a_dates"] + 120}
+    assert not torch.allclose(model(batch, 30, "patch"), model(moved, 30, "patch"), atol=1e-3)
+
+
+@torch.inference_mode()
+def test_one_date_is_a_valid_time_series(model, batch):
+    one = {k: v[:, 6:7] for k, v in only(batch, "sentinel-2-l2a").items()}
+    out = model(one, 20, "patch")
+    assert out.shape == (1, 30, 30, 256) and torch.isfinite(out).all()
+
+
+def _metric_model():
+    """S2 at 10 m and the same sensor at 20 m: one model, two GSDs."""
+    s2 = next(m for m in AnySatConfig.from_size("tiny", SPECS).modalities if m.name == "sentinel-2-l2a")
+    coarse = dataclasses.replace(s2, name="s2-20m", gsd_m=20.0)
+    torch.manual_seed(0)
+    return AnySat(AnySatConfig(modalities=(s2, coarse)))
+
+
+@torch.inference_mode()
+def test_metric_positions_same_footprint_at_two_gsds(batch):
+    """600 m at 10 m (60 px) and at 20 m (30 px): the same 10 x 10 grid of 60 m patches with
+    the same positions; only the number of sub-patches per patch differs (36 vs 9)."""
+    model = _metric_model()
+    fine = only(batch, "sentinel-2-l2a")
+    x = fine["sentinel-2-l2a"]
+    coarse = {"s2-20m": torch.nn.functional.avg_pool2d(x.flatten(0, 1), 2).view(1, 12, 9, 30, 30),
+              "s2-20m_dates": fine["sentinel-2-l2a_dates"]}
+    fine_layout, coarse_layout = model.check_batch(fine, 60), model.check_batch(coarse, 60)
+    assert fine_layout.grid == coarse_layout.grid == 10
+    pos_fine = model.positions(fine_layout, None, 1)
+    pos_coarse = model.positions(coarse_layout, None, 1)
+    assert torch.equal(pos_fine, pos_coarse)
+    _, s_fine, *_ = model.forward_features(fine, 60, keep_subpatches=True)
+    _, s_coarse, *_ = model.forward_features(coarse, 60, keep_subpatches=True)
+    assert s_fine["sentinel-2-l2a"].subpatches.shape[2] == 36
+    assert s_coarse["s2-20m"].subpatches.shape[2] == 9
+    assert model(fine, 60, "patch").shape == model(coarse, 60, "patch").shape == (1, 10, 10, 256)
+    assert model(coarse, 60, "dense").shape == (1, 30, 30, 512)
+    with pytest.raises(ModelInputError, match="not a multiple of s2-20m's GSD 20"):
+        model(coarse, 30)
+
+
+@torch.inference_mode()
+def test_aerial_pixel_blocks_are_subpatches(batch):
+    """A 1 m aerial image read as 10 x 10 pixel blocks (10 m sub-patches) beside S2."""
+    specs = resolve_sensors(["s2", "naip"])
+    model = build_model("tiny", specs)
+    g = torch.Generator().manual_seed(0)
+    aerial = {"naip": 100 + 40 * torch.randn(1, 1, 4, 600, 600, generator=g),
+              "naip_dates": torch.tensor([[18800.0]])}
+    both = {**only(batch, "sentinel-2-l2a"), **aerial}
+    assert model(both, 20, "patch").shape == (1, 30, 30, 256)
+    assert model(aerial, 20, "dense").shape == (1, 60, 60, 512)   # 10 m sub-patches
+    with pytest.raises(ModelInputError, match="not a multiple of naip's 10-pixel sub-patch 10 m"):
+        model(aerial, 5)
+    # nodata pixels of the image are masked: values there do not matter
+    mask = torch.ones(1, 1, 600, 600, dtype=torch.bool)
+    mask[..., :300, :] = False
+    garbage = aerial["naip"].clone()
+    garbage[..., :300, :] = 1e5
+    torch.testing.assert_close(model({**aerial, "naip_mask": mask}, 20, "patch"),
+                               model({**aerial, "naip": garbage, "naip_mask": mask}, 20, "patch"))

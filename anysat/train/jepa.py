@@ -1,0 +1,166 @@
+"""Joint-embedding predictive pretraining (JEPA) of the AnySat encoder.
+
+A context encoder sees a random subset of the patches (with some dates and sensors hidden);
+a narrow predictor, given the context tokens and the positions of the hidden patches as mask
+tokens, regresses the embeddings an EMA copy of the encoder (the target) gives those patches
+from the full input:
+
+    L = 1/M sum_k || g(z_ctx, m_k) - sg[f_target(x)_k] ||^2,   theta_t <- tau theta_t + (1 - tau) theta
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import AnySat
+from ..model.anysat import POSITION_UNIT_M, Layout
+from ..model.config import SIZES
+from ..model.layers import Block, sincos_2d_m
+
+
+@dataclass(frozen=True)
+class JEPAConfig:
+    mask_ratio: float = 0.5          # share of patches the context does not see (official: 0.5)
+    date_drop: float = 0.25          # share of a time series' dates hidden from the context
+    modality_drop: float = 0.15      # chance a sensor is hidden from a sample's context
+    ema_start: float = 0.996         # tau, raised linearly to ema_end (official: 0.996 -> 1.0)
+    ema_end: float = 1.0
+    milnce_weight: float = 0.0       # > 0 adds the official cross-sensor MIL-NCE term
+    milnce_temperature: float = 0.1
+
+
+def ema_momentum(step: int, total_steps: int, start: float = 0.996, end: float = 1.0) -> float:
+    """The tau schedule: linear from start to end over the run."""
+    return start + (end - start) * min(step, total_steps) / max(total_steps, 1)
+
+
+def rankme(z: torch.Tensor, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values of
+    the embeddings [N, D]; near 1 when collapsed, up to min(N, D) when spread."""
+    s = torch.linalg.svdvals(z.detach().float())
+    p = s / s.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+class Predictor(nn.Module):
+    """Narrow transformer: context tokens + mask tokens at the hidden patches' positions ->
+    predicted target embeddings of the hidden patches."""
+
+    def __init__(self, dim: int, pred_dim: int, depth: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.pred_dim = pred_dim
+        self.embed = nn.Linear(dim, pred_dim)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, pred_dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(pred_dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(pred_dim, eps=1e-6)
+        self.proj = nn.Linear(pred_dim, dim)
+
+    def forward(self, context: torch.Tensor, context_pos: torch.Tensor,
+                target_pos: torch.Tensor) -> torch.Tensor:
+        """context [B, Nc, D]; positions [B, Nc, P] and [B, Nt, P] -> [B, Nt, D]."""
+        x = torch.cat([self.embed(context) + context_pos,
+                       self.mask_token.expand(*target_pos.shape[:2], -1) + target_pos], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.norm(x[:, context.shape[1]:]))
+
+
+class JEPA(nn.Module):
+    """Context encoder (the model being trained), EMA target encoder and predictor."""
+
+    def __init__(self, encoder: AnySat, config: JEPAConfig | None = None,
+                 predictor: tuple[int, int, int] | None = None):
+        super().__init__()
+        self.config = config or JEPAConfig()
+        self.encoder = encoder
+        self.target = copy.deepcopy(encoder).requires_grad_(False)
+        pred_dim, depth, heads = predictor or SIZES.get(encoder.config.size, SIZES["tiny"])["predictor"]
+        self.predictor = Predictor(encoder.config.dim, pred_dim, depth, heads, encoder.config.mlp_ratio)
+
+    # -- masks ---------------------------------------------------------------------------------
+    def sample_patches(self, b: int, n: int, generator: torch.Generator | None, device=None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample, a random split of the n patches: context [B, Nc] and targets [B, Nt]."""
+        n_ctx = min(n - 1, max(1, round(n * (1 - self.config.mask_ratio))))
+        order = torch.rand(b, n, generator=generator).argsort(dim=1).to(device)
+        return order[:, :n_ctx].sort(dim=1).values, order[:, n_ctx:].sort(dim=1).values
+
+    def context_batch(self, batch: dict[str, torch.Tensor], layout: Layout,
+                      generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """The batch the context sees: some dates of each time series and some sensors hidden
+        (through the masks, so they are ignored, not zero-filled)."""
+        names = layout.sensors
+        b = batch[names[0]].shape[0]
+        dropped = torch.rand(b, len(names), generator=generator) < self.config.modality_drop
+        all_dropped = dropped.all(dim=1)                 # every sample keeps one sensor
+        dropped[all_dropped, torch.randint(len(names), (int(all_dropped.sum()),), generator=generator)] = False
+        out = dict(batch)
+        for i, name in enumerate(names):
+            valid = AnySat._valid(batch, name)
+            keep = ~dropped[:, i].to(valid.device)[:, None, None, None]
+            if self.encoder.modalities[name].time_series:
+                dates = torch.rand(valid.shape[:2], generator=generator) >= self.config.date_drop
+                keep = keep & dates.to(valid.device)[:, :, None, None]
+            out[f"{name}_mask"] = valid & keep
+        return out
+
+    # -- loss ----------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor], patch_size_m: float,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor | float]:
+        """Loss and collapse monitors for one batch."""
+        layout = self.encoder.check_batch(batch, patch_size_m)
+        b, n = batch[layout.sensors[0]].shape[0], layout.grid ** 2
+        device = batch[layout.sensors[0]].device
+        context_idx, target_idx = self.sample_patches(b, n, generator, device)
+        with torch.no_grad():
+            _, _, _, full, _ = self.target.forward_features(batch, patch_size_m)
+            rows = torch.arange(b, device=device)[:, None]
+            targets = full[rows, target_idx]
+        _, sensors, _, context, per_sensor = self.encoder.forward_features(
+            self.context_batch(batch, layout, generator), patch_size_m, patches=context_idx)
+        cx, cy = layout.centres_m(device)
+        codes = sincos_2d_m(cx, cy, self.predictor.pred_dim, POSITION_UNIT_M)
+        predicted = self.predictor(context, codes[context_idx], codes[target_idx])
+        jepa = ((predicted - targets.to(predicted.dtype)) ** 2).sum(-1).mean()
+        out = {"jepa": jepa, "loss": jepa}
+        if self.config.milnce_weight > 0 and len(sensors) > 1:
+            valid = torch.stack([s.valid for s in sensors.values()], 1)
+            out["milnce"] = milnce(per_sensor, valid, self.config.milnce_temperature)
+            out["loss"] = jepa + self.config.milnce_weight * out["milnce"]
+        flat = context.detach().reshape(-1, context.shape[-1]).float()
+        out["embedding_std"] = float(F.normalize(flat, dim=-1).std(dim=0).mean())
+        out["rankme"] = rankme(flat)
+        return out
+
+    @torch.no_grad()
+    def update_target(self, tau: float) -> None:
+        """theta_target <- tau * theta_target + (1 - tau) * theta."""
+        target = list(self.target.parameters())
+        online = torch._foreach_mul(list(self.encoder.parameters()), 1 - tau)
+        torch._foreach_mul_(target, tau)
+        torch._foreach_add_(target, online)  # each product rounded first: no fused multiply-add
+
+
+def milnce(tokens: torch.Tensor, valid: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-sensor MIL-NCE: a sensor's token of a patch should be closer to the other sensors'
+    tokens of the same patch (the positives) than to tokens of the tile's other patches.
+    tokens [B, M, N, D], valid [B, M, N]."""
+    b, m, n, d = tokens.shape
+    z = F.normalize(tokens.float(), dim=-1).reshape(b, m * n, d)
+    sim = z @ z.transpose(1, 2) / temperature                            # [B, MN, MN]
+    patch = torch.arange(n, device=z.device).repeat(m)
+    ok = valid.reshape(b, m * n)
+    pair = ok[:, :, None] & ok[:, None, :] & ~torch.eye(m * n, dtype=torch.bool, device=z.device)
+    positive = pair & (patch[:, None] == patch[None, :])
+    neg_inf = torch.finfo(sim.dtype).min
+    log_all = torch.logsumexp(sim.masked_fill(~pair, neg_inf), dim=-1)
+    log_pos = torch.logsumexp(sim.masked_fill(~positive, neg_inf), dim=-1)
+    anchors = positive.any(dim=-1)
+    if not anchors.any():
+        return sim.new_zeros(())
+    return (log_all - log_pos)[anchors].mean()

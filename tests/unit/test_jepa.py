@@ -1,0 +1,120 @@
+import dataclasses
+import datetime as dt
+
+import pytest
+import torch
+
+from anysat.modalities import resolve_sensors
+from anysat.model import AnySat, AnySatConfig, load_model
+from anysat.pipeline import load_tile_batch
+from anysat.stac import resolve_provider
+from anysat.tiles import Tile
+from anysat.train import JEPA, JEPAConfig, ema_momentum, rankme
+from anysat.train.jepa import milnce
+from anysat.train.pretrain import ChipSampler, pretrain, save_pretrained
+from tests.conftest import CENTRAL_TILE
+
+SPECS = resolve_sensors(["s2", "s1", "dem"])
+
+
+def small_model(seed: int = 0) -> AnySat:
+    """tiny's layout at 64-d: fast enough for hundreds of CPU steps in a test."""
+    config = dataclasses.replace(AnySatConfig.from_size("tiny", SPECS), dim=64, heads=4)
+    torch.manual_seed(seed)
+    return AnySat(config)
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    footprint, _ = load_tile_batch(resolve_provider("demo"), SPECS, Tile(*CENTRAL_TILE),
+                                   dt.date(2020, 11, 1), dt.date(2021, 10, 31))
+    return ChipSampler(footprint, {s.name: s.gsd_m for s in SPECS}, chip_m=120, step_m=30)
+
+
+def test_context_never_sees_masked_patches(sampler):
+    """Gradients of the JEPA loss reach the input pixels of context patches only."""
+    jepa = JEPA(small_model(), JEPAConfig(date_drop=0.0, modality_drop=0.0))
+    batch = sampler.sample(2)
+    batch["sentinel-2-l2a"] = batch["sentinel-2-l2a"].clone().requires_grad_(True)
+    jepa(batch, 30, torch.Generator().manual_seed(7))["loss"].backward()
+    context, targets = jepa.sample_patches(2, 16, torch.Generator().manual_seed(7))
+    grad = batch["sentinel-2-l2a"].grad.abs().sum(dim=(1, 2))               # [B, 12, 12] px
+    per_patch = grad.view(2, 4, 3, 4, 3).sum(dim=(2, 4)).view(2, 16)        # 30 m = 3 px
+    rows = torch.arange(2)[:, None]
+    assert (per_patch[rows, targets] == 0).all()
+    assert (per_patch[rows, context] > 0).all()
+
+
+def test_target_encoder_gets_no_gradient_and_ema_is_exact(sampler):
+    jepa = JEPA(small_model())
+    out = jepa(sampler.sample(2), 30, torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in jepa.target.parameters())
+    assert all(p.grad is not None for p in jepa.predictor.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in jepa.encoder.parameters())
+    with torch.no_grad():
+        for p in jepa.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in jepa.target.parameters()]
+    jepa.update_target(0.9)
+    for old, new, online in zip(before, jepa.target.parameters(), jepa.encoder.parameters()):
+        assert torch.equal(new, 0.9 * old + (1 - 0.9) * online)
+    assert ema_momentum(0, 100) == 0.996 and ema_momentum(100, 100) == 1.0
+    assert ema_momentum(50, 100) == pytest.approx(0.998)
+
+
+def test_masks_split_every_patch_once():
+    jepa = JEPA(small_model(), JEPAConfig(mask_ratio=0.5))
+    context, targets = jepa.sample_patches(3, 16, torch.Generator().manual_seed(1))
+    assert context.shape == targets.shape == (3, 8)
+    assert all(sorted(torch.cat([c, t]).tolist()) == list(range(16)) for c, t in zip(context, targets))
+
+
+def test_context_batch_hides_dates_and_sensors_through_masks(sampler):
+    jepa = JEPA(small_model(), JEPAConfig(date_drop=0.5, modality_drop=0.9))
+    batch = sampler.sample(4)
+    layout = jepa.encoder.check_batch(batch, 30)
+    seen = jepa.context_batch(batch, layout, torch.Generator().manual_seed(0))
+    for name in layout.sensors:
+        valid = AnySat._valid(batch, name)
+        assert not (seen[f"{name}_mask"] & ~valid).any()        # never more than the data
+        assert seen[name] is batch[name]                         # values untouched
+    kept = torch.stack([seen[f"{n}_mask"].flatten(1).any(1) for n in layout.sensors], 1)
+    assert kept.any(dim=1).all()                                 # every sample keeps a sensor
+    s2 = seen["sentinel-2-l2a_mask"]
+    assert s2.sum() < AnySat._valid(batch, "sentinel-2-l2a").sum()
+
+
+def test_loss_falls_on_the_demo_cube(sampler, tmp_path):
+    jepa, history = pretrain(small_model(), sampler, steps=150, patch_sizes_m=[30, 60],
+                             batch_size=4, lr=2e-3, log_every=0)
+    first = sum(h["jepa"] for h in history[:15]) / 15
+    last = sum(h["jepa"] for h in history[-15:]) / 15
+    assert last < 0.5 * first, (first, last)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert history[-1]["rankme"] > 1 and history[-1]["embedding_std"] > 0
+    save_pretrained(jepa, str(tmp_path / "ckpt"), history, {"data": "demo"})
+    loaded = load_model(str(tmp_path / "ckpt"))
+    batch = sampler.sample(1)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(batch, 30, "tile"), jepa.target(batch, 30, "tile"),
+                                   rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in jepa.target.state_dict().items())
+
+
+def test_milnce_option(sampler):
+    jepa = JEPA(small_model(), JEPAConfig(milnce_weight=0.5, modality_drop=0.0))
+    out = jepa(sampler.sample(2), 30, torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["milnce"]) and out["milnce"] > 0
+    torch.testing.assert_close(out["loss"], out["jepa"] + 0.5 * out["milnce"])
+    # same token in every sensor: positives beat negatives -> lower loss than unrelated tokens
+    base = torch.randn(1, 1, 16, 32)
+    valid = torch.ones(1, 2, 16, dtype=torch.bool)
+    aligned = milnce(base.expand(1, 2, 16, 32), valid, 0.1)
+    unrelated = milnce(torch.randn(1, 2, 16, 32), valid, 0.1)
+    assert aligned < unrelated
+
+
+def test_rankme_tells_collapse_from_spread():
+    assert rankme(torch.ones(64, 16)) == pytest.approx(1.0, abs=0.01)
+    assert rankme(torch.randn(256, 16)) > 12
