@@ -40,9 +40,9 @@ class Attention(nn.Module):
         if queries is None:
             q, k, v = self.qkv(x).view(b, n, 3, h, dh).permute(2, 0, 3, 1, 4)
         else:  # project q for the rows wanted only; k, v for all
-            w_q, w_kv = self.qkv.weight.split([d, 2 * d]), self.qkv.bias.split([d, 2 * d])
-            q = F.linear(x[:, :queries], w_q[0], w_kv[0]).view(b, queries, h, dh).transpose(1, 2)
-            k, v = F.linear(x, w_q[1], w_kv[1]).view(b, n, 2, h, dh).permute(2, 0, 3, 1, 4)
+            (w_q, w_kv), (b_q, b_kv) = self.qkv.weight.split([d, 2 * d]), self.qkv.bias.split([d, 2 * d])
+            q = F.linear(x[:, :queries], w_q, b_q).view(b, queries, h, dh).transpose(1, 2)
+            k, v = F.linear(x, w_kv, b_kv).view(b, n, 2, h, dh).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(keep))
         return self.proj(out.transpose(1, 2).reshape(b, q.shape[2], d))
 

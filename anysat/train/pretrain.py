@@ -62,7 +62,7 @@ def pretrain(model: AnySat, sampler: ChipSampler, steps: int, patch_sizes_m: lis
     per-step history (loss, monitors). Patch size is drawn per batch, as AnySat does."""
     torch.manual_seed(seed)
     jepa = JEPA(model.train(), config)
-    params = [p for p in (*jepa.encoder.parameters(), *jepa.predictor.parameters())]
+    params = [*jepa.encoder.parameters(), *jepa.predictor.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
                                                    pct_start=0.1)
