@@ -13,6 +13,14 @@ class SpecError(AnySatError, ValueError):
     """A modality spec or provider file is missing or invalid."""
 
 
+class UnknownCollectionError(SpecError):
+    """A catalog has no collection of the id a modality spec names for it."""
+
+
+class CatalogUnreachableError(AnySatError):
+    """A STAC API could not be reached or kept failing (429/5xx) after retries."""
+
+
 class NoItemsError(AnySatError):
     """A catalog search found nothing for a sensor in the requested region and dates."""
 

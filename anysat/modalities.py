@@ -23,6 +23,24 @@ class BandSpec(BaseModel):
     assets: dict[str, str] = Field(default_factory=dict)  # provider -> asset key, default `name`
 
 
+class CloudMaskSpec(BaseModel):
+    """A per-pixel quality asset, read with nearest resampling: a pixel is invalid when its
+    value is one of `invalid_classes` (Sentinel-2 SCL) or has one of `invalid_bits` set
+    (Landsat QA_PIXEL). Providers not named in `assets` have no mask (e.g. composites)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    assets: dict[str, str]  # provider -> asset key
+    invalid_classes: tuple[int, ...] = ()
+    invalid_bits: tuple[int, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> CloudMaskSpec:
+        if bool(self.invalid_classes) == bool(self.invalid_bits):
+            raise ValueError("give exactly one of invalid_classes or invalid_bits")
+        return self
+
+
 class ModalitySpec(BaseModel):
     """One sensor. Values are scaled to physical units: value * scale + offset (then dB)."""
 
@@ -43,6 +61,9 @@ class ModalitySpec(BaseModel):
     offset: float = 0.0
     transform: Literal["none", "db"] = "none"
     resampling: Literal["nearest", "bilinear", "cubic", "average"] = "bilinear"
+    # Item property holding the scene cloud cover (%), for `max_cloud` searches.
+    cloud_cover_property: str | None = None
+    cloud_mask: CloudMaskSpec | None = None
 
     @model_validator(mode="after")
     def _unique_bands(self) -> ModalitySpec:
@@ -76,6 +97,9 @@ class ModalitySpec(BaseModel):
 
     def asset_keys(self, provider: str) -> list[str]:
         return [b.assets.get(provider, b.name) for b in self.bands]
+
+    def mask_asset(self, provider: str) -> str | None:
+        return self.cloud_mask.assets.get(provider) if self.cloud_mask else None
 
 
 def modalities_dir() -> Path:

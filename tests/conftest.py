@@ -54,6 +54,55 @@ def s3_endpoint():
             os.environ[k] = v
 
 
+def wait_for_http(url: str, proc: subprocess.Popen, what: str, seconds: float = 90) -> None:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{what} did not become healthy at {url}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def stac_api(tmp_path_factory):
+    """A real STAC API server on loopback (rustac's stac-server, in-memory backend) serving
+    the demo catalog's collections and items, asset hrefs made file:// URIs."""
+    import json
+
+    import pystac
+
+    folder = tmp_path_factory.mktemp("stac-api")
+    hrefs = []
+    for collection in pystac.Catalog.from_file(str(DEMO_CATALOG / "catalog.json")).get_children():
+        items = []
+        for item in collection.get_items(recursive=True):
+            item = item.clone()
+            item.make_asset_hrefs_absolute()
+            for asset in item.assets.values():  # a bare path would resolve against the API URL
+                asset.href = Path(asset.href).as_uri()
+            items.append({**item.to_dict(include_self_link=False, transform_hrefs=False), "links": []})
+        collection_file, items_file = folder / f"{collection.id}.json", folder / f"{collection.id}-items.json"
+        collection_file.write_text(json.dumps({**collection.to_dict(include_self_link=False,
+                                                                    transform_hrefs=False), "links": []}))
+        items_file.write_text(json.dumps({"type": "FeatureCollection", "features": items}))
+        hrefs += [str(collection_file), str(items_file)]
+    port = free_port()
+    rustac = Path(sys.executable).with_name("rustac")
+    proc = subprocess.Popen([str(rustac), "serve", "--addr", f"127.0.0.1:{port}", *hrefs],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/collections", proc, "rustac STAC API")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """One real Prefect server on loopback for the whole session."""
@@ -65,18 +114,7 @@ def prefect_api(tmp_path_factory):
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
          str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     api = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("prefect server did not become healthy")
-        time.sleep(0.5)
+    wait_for_http(f"{api}/health", proc, "prefect server")
     saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
     os.environ.update({"PREFECT_API_URL": api, "PREFECT_HOME": str(home)})
     yield api
