@@ -36,6 +36,9 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="outputs", help="output URI: a path, s3://, gs://, ...")
     parser.add_argument("--model", default="tiny", help="checkpoint path/URI or a size name")
     parser.add_argument("--tiles-per-batch", type=int, default=2)
+    parser.add_argument("--max-cloud", type=float, help="scene cloud cover limit, percent")
+    parser.add_argument("--time-bin", help="median per period: MS monthly, QS quarterly, 14D...")
+    parser.add_argument("--cube-backend", choices=["odc-stac", "stackstac"], default="odc-stac")
     parser.add_argument("--demo", action="store_true",
                         help="the embedded demo region and dates where not given")
 
@@ -56,6 +59,7 @@ def request_from_args(args: argparse.Namespace) -> RegionRequest:
         sensors=tuple(s.strip() for s in args.sensors.split(",") if s.strip()),
         patch_size_m=args.patch_size_m, tile_size_m=args.tile_size_m, catalog=args.catalog,
         output_uri=args.output, model=args.model, tiles_per_batch=args.tiles_per_batch,
+        max_cloud=args.max_cloud, time_bin=args.time_bin, cube_backend=args.cube_backend,
     )
 
 

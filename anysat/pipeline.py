@@ -16,10 +16,9 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from shapely.geometry import box
 
 from . import storage
-from .cube import load_cube, read_cube
+from .cube import bin_time, load_cube, read_cube
 from .errors import CheckpointError, NoItemsError
 from .model import AnySat, load_model
 from .model.checkpoint import weights_sha256
@@ -27,8 +26,9 @@ from .modalities import ModalitySpec, resolve_sensors
 from .products import LayerGrid, create_layer, write_pca_preview, write_tile
 from .products.zarr_layer import read_layer
 from .request import RegionRequest
-from .stac import resolve_provider, search_items
+from .stac import resolve_provider, search_sensors
 from .stac.providers import Provider
+from .stac.search import no_items_message
 from .stac.signing import url_signer
 from .tiles import Tile, plan_tiles
 
@@ -82,9 +82,13 @@ def plan_run(request: RegionRequest) -> RunPlan:
     provider = resolve_provider(request.catalog)
     output = storage.normalize_uri(request.output_uri)
     storage.check_writable(output)
+    found = search_sensors(provider, specs, request.search_region, request.start, request.end,
+                           max_cloud=request.max_cloud)
     for spec in specs:
-        items = search_items(provider, spec, request.geometry, request.start, request.end)
-        log.info("%s: %d items in %s", spec.name, len(items), provider.name)
+        if not found[spec.name]:
+            raise NoItemsError(no_items_message(provider, spec, request.search_region,
+                                                request.start, request.end, request.max_cloud))
+        log.info("%s: %d items in %s", spec.name, len(found[spec.name]), provider.name)
     tiles = plan_tiles(request.geometry, request.tile_size_m)
     model = get_model(request.model, request.sensors)
     grid = LayerGrid.covering(tiles, request.patch_size_m, model.config.dim)
@@ -106,21 +110,27 @@ def _days_since_epoch(times: np.ndarray) -> torch.Tensor:
 
 
 def load_tile_batch(provider: Provider, specs: list[ModalitySpec], tile: Tile, start: dt.date,
-                    end: dt.date) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+                    end: dt.date, *, max_cloud: float | None = None, time_bin: str | None = None,
+                    backend: str = "odc-stac") -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """A model batch (B = 1) of every sensor with items over the tile, and its date counts.
-    Sensors without items are left out: AnySat takes any subset of its sensors."""
+    Sensors without items are left out: AnySat takes any subset of its sensors. Each sensor
+    comes with its dates and its validity mask (nodata and cloud-masked pixels are False)."""
     signer = url_signer(provider)
     batch: dict[str, torch.Tensor] = {}
     dates: dict[str, int] = {}
+    found = search_sensors(provider, specs, tile.bbox_lonlat, start, end, max_cloud=max_cloud)
     for spec in specs:
-        try:
-            items = search_items(provider, spec, box(*tile.bbox_lonlat), start, end)
-        except NoItemsError:
+        if not found[spec.name]:
             continue
-        cube = read_cube(load_cube(items, spec, tile.geobox(spec.gsd_m), naming=provider.naming,
-                                   patch_url=signer))
-        batch[spec.name] = torch.from_numpy(cube.values)[None]
+        cube = load_cube(found[spec.name], spec, tile.geobox(spec.gsd_m), naming=provider.naming,
+                         patch_url=signer, backend=backend)
+        if time_bin and spec.time_series:
+            cube = bin_time(cube, time_bin)
+        cube = read_cube(cube)
+        pixels = torch.from_numpy(cube.values)[None]
+        batch[spec.name] = pixels
         batch[f"{spec.name}_dates"] = _days_since_epoch(cube.time.values)[None]
+        batch[f"{spec.name}_mask"] = torch.isfinite(pixels).all(dim=2)
         dates[spec.name] = int(cube.sizes["time"])
     return batch, dates
 
@@ -134,7 +144,8 @@ def embed_tile(plan: RunPlan, tile: Tile) -> dict:
     request = plan.request
     model = get_model(request.model, request.sensors)
     batch, dates = load_tile_batch(resolve_provider(request.catalog), request.modality_specs(),
-                                   tile, request.start, request.end)
+                                   tile, request.start, request.end, max_cloud=request.max_cloud,
+                                   time_bin=request.time_bin, backend=request.cube_backend)
     valid_patches = 0
     if batch:
         device = next(model.parameters()).device

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 from shapely.geometry import box, shape
@@ -37,6 +37,9 @@ class RegionRequest(BaseModel):
     output_uri: str = "outputs"
     model: str = "tiny"
     tiles_per_batch: int = Field(default=2, ge=1)
+    max_cloud: float | None = Field(default=None, ge=0, le=100)  # scene cloud cover, %
+    time_bin: str | None = None  # median per period, a pandas offset alias ("MS" = monthly)
+    cube_backend: Literal["odc-stac", "stackstac"] = "odc-stac"
 
     @model_validator(mode="after")
     def _check(self) -> RegionRequest:
@@ -58,6 +61,14 @@ class RegionRequest(BaseModel):
                 f"tile_size_m {self.tile_size_m:g} is not a multiple of patch_size_m "
                 f"{self.patch_size_m:g}"
             )
+        if self.time_bin is not None:
+            import pandas as pd
+
+            try:
+                pd.tseries.frequencies.to_offset(self.time_bin)
+            except ValueError:
+                raise ValueError(f"time_bin {self.time_bin!r} is not a pandas offset alias "
+                                 "(MS monthly, QS quarterly, 14D...)") from None
         self.geometry  # noqa: B018 - parse the GeoJSON now, so a bad one fails here
         return self
 
@@ -73,6 +84,11 @@ class RegionRequest(BaseModel):
                 for e in exc.errors()
             )
             raise RequestError(f"invalid request: {problems}") from None
+
+    @property
+    def search_region(self) -> BaseGeometry | tuple[float, float, float, float]:
+        """What STAC searches get: the bbox as given, or the GeoJSON geometry."""
+        return self.bbox if self.bbox is not None else self.geometry
 
     @property
     def geometry(self) -> BaseGeometry:

@@ -1,41 +1,120 @@
-"""One lazy cube per sensor: xarray.DataArray[time, band, y, x] in physical units via odc-stac."""
+"""One lazy cube per sensor: xarray.DataArray[time, band, y, x] in physical units.
+
+Two readers give the same cube: odc-stac (default) and stackstac. Both read the items' assets
+onto the tile's GeoBox (the sensor's GSD on the tile grid), mosaic items of one solar day,
+resample data bands with the spec's method and quality masks with nearest. Then, shared:
+nodata and cloud-masked pixels become NaN, values are scaled to physical units (and dB).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 import odc.stac
 import pystac
 import xarray as xr
 from odc.geo.geobox import GeoBox
+from odc.geo.xr import xr_coords
 
+from ..errors import SpecError
 from ..modalities import ModalitySpec
+from .masks import invalid_pixels
+
+Backend = Literal["odc-stac", "stackstac"]
+BACKENDS: tuple[Backend, ...] = ("odc-stac", "stackstac")
+
+
+def _solar_day(item: pystac.Item) -> np.datetime64:
+    """The local solar date (what odc-stac groups by): UTC time shifted by longitude / 15 h."""
+    west, _, east, _ = item.bbox
+    offset = np.timedelta64(int((west + east) / 2 / 15 * 3600), "s")
+    return (np.datetime64(item.datetime.replace(tzinfo=None), "s") + offset).astype("datetime64[D]")
+
+
+def _read_odc(items: Sequence[pystac.Item], assets: list[str], resampling: dict[str, str],
+              geobox: GeoBox, nodata: float | None, patch_url) -> xr.DataArray:
+    raw = odc.stac.load(items, bands=assets, geobox=geobox, groupby="solar_day",
+                        chunks={"x": -1, "y": -1}, resampling=resampling, nodata=nodata,
+                        patch_url=patch_url, fail_on_error=True)
+    return raw[assets].to_dataarray("band").transpose("time", "band", "y", "x")
+
+
+def _read_stackstac(items: Sequence[pystac.Item], assets: list[str], resampling: dict[str, str],
+                    geobox: GeoBox, nodata: float | None, patch_url) -> xr.DataArray:
+    import stackstac
+    from rasterio.enums import Resampling
+
+    # stackstac reads hrefs as written (no relative resolution, no per-read hook): give it
+    # copies with absolute hrefs, signed just before the stack is built.
+    items = [_readable(item, assets, patch_url) for item in items]
+    fill = np.nan if nodata is None else nodata
+    parts = []
+    for method in dict.fromkeys(resampling[a] for a in assets):  # one stack per resampling
+        some = [a for a in assets if resampling[a] == method]
+        parts.append(stackstac.stack(
+            list(items), assets=some, epsg=geobox.crs.epsg, resolution=abs(geobox.resolution.x),
+            bounds=tuple(geobox.boundingbox), snap_bounds=False, resampling=Resampling[method],
+            dtype="float32", fill_value=np.float32(fill), rescale=False,
+            chunksize=(1, 1, -1, -1), properties=False, band_coords=False, xy_coords="center",
+        ))
+    stack = xr.concat(parts, "band").sel(band=assets) if len(parts) > 1 else parts[0]
+    days = np.array([_solar_day(i) for i in items])
+    stack = stack.assign_coords(time=stack.time.values.astype("datetime64[ns]"),
+                                solar_day=("time", days))
+    groups = [stack.isel(time=np.flatnonzero(days == day)) for day in np.unique(days)]
+    mosaics = [stackstac.mosaic(g, dim="time", nodata=fill).expand_dims(time=[g.time.values.min()])
+               if g.sizes["time"] > 1 else g.drop_vars("solar_day") for g in groups]
+    cube = xr.concat([m.drop_vars("solar_day", errors="ignore") for m in mosaics], "time")
+    cube = cube.drop_vars([c for c in cube.coords if c not in ("time", "band")])
+    if cube.shape[-2:] != geobox.shape.yx:
+        raise SpecError(f"stackstac gave a {cube.shape[-2:]} grid for a {geobox.shape.yx} tile")
+    return cube.assign_coords(xr_coords(geobox))  # the same x/y and spatial_ref as odc-stac
+
+
+def _readable(item: pystac.Item, assets: list[str],
+              patch_url: Callable[[str], str] | None) -> pystac.Item:
+    copy = item.clone()
+    for key in assets:
+        href = item.assets[key].get_absolute_href() or item.assets[key].href
+        copy.assets[key].href = patch_url(href) if patch_url else href
+    return copy
+
+
+READERS = {"odc-stac": _read_odc, "stackstac": _read_stackstac}
 
 
 def load_cube(items: Sequence[pystac.Item], spec: ModalitySpec, geobox: GeoBox, *,
               naming: str = "planetary-computer",
-              patch_url: Callable[[str], str] | None = None) -> xr.DataArray:
+              patch_url: Callable[[str], str] | None = None,
+              backend: Backend = "odc-stac") -> xr.DataArray:
     """Lazy cube of `items` on `geobox` (CRS, resolution = the sensor's GSD), one Dask chunk.
 
-    Values are physical (reflectance, dB backscatter, metres) as float32; nodata is NaN.
-    Items of the same solar day are mosaicked. `patch_url` signs hrefs just before reading.
+    Values are physical (reflectance, dB backscatter, metres) as float32; nodata and pixels
+    the spec's cloud mask rejects are NaN. `patch_url` signs hrefs just before reading.
     """
+    if backend not in READERS:
+        raise SpecError(f"unknown cube backend '{backend}': use one of {', '.join(BACKENDS)}")
     assets = spec.asset_keys(naming)
-    raw = odc.stac.load(
-        items, bands=assets, geobox=geobox, groupby="solar_day", chunks={"x": -1, "y": -1},
-        resampling=spec.resampling, nodata=spec.nodata, patch_url=patch_url,
-        fail_on_error=True,
-    )
-    cube = raw[assets].to_dataarray("band").assign_coords(band=spec.band_names)
-    cube = cube.transpose("time", "band", "y", "x")
-    valid = cube != spec.nodata if spec.nodata is not None else xr.ones_like(cube, dtype=bool)
+    mask_asset = spec.mask_asset(naming)
+    resampling = {a: spec.resampling for a in assets}
+    if mask_asset:
+        resampling[mask_asset] = "nearest"  # classes and bit flags must not be interpolated
+    raw = READERS[backend](items, list(resampling), resampling, geobox, spec.nodata, patch_url)
+    cube = raw.sel(band=assets)
+    valid = cube != spec.nodata if spec.nodata is not None else cube.notnull()
+    valid = valid & cube.notnull()
+    if mask_asset:
+        valid = valid & ~invalid_pixels(raw.sel(band=mask_asset), spec.cloud_mask)
     values = cube.astype("float32") * np.float32(spec.scale) + np.float32(spec.offset)
     if spec.transform == "db":
         valid = valid & (values > 0)
         values = 10 * np.log10(values.where(valid))
-    cube = values.where(valid).astype("float32")
-    cube.attrs = {"sensor": spec.name, "gsd_m": spec.gsd_m, "crs": str(geobox.crs)}
+    cube = values.where(valid).astype("float32").assign_coords(band=spec.band_names)
+    cube = cube.chunk({"time": -1, "band": -1, "y": -1, "x": -1})
+    cube.attrs = {"sensor": spec.name, "gsd_m": spec.gsd_m, "crs": str(geobox.crs),
+                  "transform": tuple(geobox.affine)[:6], "backend": backend}
     return cube.rename(spec.name)
 
 
