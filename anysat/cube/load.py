@@ -48,16 +48,18 @@ def _read_stackstac(items: Sequence[pystac.Item], assets: list[str], resampling:
 
     # stackstac reads hrefs as written (no relative resolution, no per-read hook): give it
     # copies with absolute hrefs, signed just before the stack is built.
-    items = [_readable(item, assets, patch_url) for item in items]
+    items = sorted(items, key=lambda i: i.datetime)  # the order of `days` below
+    readable = [_readable(item, assets, patch_url) for item in items]
     fill = np.nan if nodata is None else nodata
     parts = []
     for method in dict.fromkeys(resampling[a] for a in assets):  # one stack per resampling
         some = [a for a in assets if resampling[a] == method]
         parts.append(stackstac.stack(
-            list(items), assets=some, epsg=geobox.crs.epsg, resolution=abs(geobox.resolution.x),
+            readable, assets=some, epsg=geobox.crs.epsg, resolution=abs(geobox.resolution.x),
             bounds=tuple(geobox.boundingbox), snap_bounds=False, resampling=Resampling[method],
             dtype="float32", fill_value=np.float32(fill), rescale=False,
             chunksize=(1, 1, -1, -1), properties=False, band_coords=False, xy_coords="center",
+            sortby_date=False,
         ))
     stack = xr.concat(parts, "band").sel(band=assets) if len(parts) > 1 else parts[0]
     days = np.array([_solar_day(i) for i in items])
@@ -74,12 +76,14 @@ def _read_stackstac(items: Sequence[pystac.Item], assets: list[str], resampling:
 
 
 def _readable(item: pystac.Item, assets: list[str],
-              patch_url: Callable[[str], str] | None) -> pystac.Item:
-    copy = item.clone()
+              patch_url: Callable[[str], str] | None) -> dict:
+    """A plain item dict without links (never followed: they may point to live servers)."""
+    plain = item.to_dict(include_self_link=False, transform_hrefs=False)
+    plain["links"] = []
     for key in assets:
         href = item.assets[key].get_absolute_href() or item.assets[key].href
-        copy.assets[key].href = patch_url(href) if patch_url else href
-    return copy
+        plain["assets"][key]["href"] = patch_url(href) if patch_url else href
+    return plain
 
 
 READERS = {"odc-stac": _read_odc, "stackstac": _read_stackstac}

@@ -51,6 +51,9 @@ class ChipSampler:
                 y, x = round(oy / gsd), round(ox / gsd)
                 out.setdefault(name, []).append(self.footprint[name][0, :, :, y:y + px, x:x + px])
                 out.setdefault(f"{name}_dates", []).append(self.footprint[f"{name}_dates"][0])
+                if f"{name}_mask" in self.footprint:
+                    mask = self.footprint[f"{name}_mask"][0, :, y:y + px, x:x + px]
+                    out.setdefault(f"{name}_mask", []).append(mask)
         return {k: torch.stack(v) for k, v in out.items()}
 
 

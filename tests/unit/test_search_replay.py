@@ -79,3 +79,22 @@ def test_cloud_limit_is_checked_on_every_result():
     assert 0 < len(kept) < len(items) and any(c is None for c in covers.values())
     assert all(within_cloud_limit(i, SPECS["sentinel-1"], 40) for i in items)  # no property: no limit
     assert cloud_filter("eo:cloud_cover", 40) == {"op": "<=", "args": [{"property": "eo:cloud_cover"}, 40]}
+
+
+@pytest.mark.vcr("earth-search-s2-landsat-point.yaml")
+def test_earth_search_items_give_cube_geometry_without_pixels():
+    from anysat.cube import load_cube
+    from anysat.tiles import plan_tiles
+
+    point = Point(-105.1019, 40.1672)
+    specs = [SPECS["sentinel-2-l2a"], SPECS["landsat-c2-l2"]]
+    found = search_sensors(resolve_provider("earth-search"), specs, point, dt.date(2023, 10, 8),
+                           dt.date(2023, 10, 8))
+    tile = plan_tiles(point.buffer(0.001), 600.0)[0]
+    for spec, backend in zip(specs, ("odc-stac", "stackstac")):
+        cube = load_cube(found[spec.name], spec, tile.geobox(spec.gsd_m), naming="earth-search",
+                         backend=backend)
+        side = round(600 / spec.gsd_m)
+        assert cube.attrs["crs"] == "EPSG:32613" and cube.shape == (1, len(spec.bands), side, side)
+        assert list(cube.band.values) == spec.band_names
+        assert str(cube.time.values[0])[:10] == "2023-10-08"

@@ -1,0 +1,133 @@
+"""Both cube backends, cloud masks, temporal binning, and cube geometry from real items."""
+
+import datetime as dt
+import json
+import shutil
+
+import numpy as np
+import pystac
+import pytest
+import rasterio
+from shapely.geometry import box
+
+from anysat.cube import bin_time, load_cube, read_cube
+from anysat.cube.masks import invalid_pixels
+from anysat.errors import SpecError
+from anysat.modalities import available_specs
+from anysat.stac import resolve_provider, search_items
+from anysat.tiles import Tile, plan_tiles
+from tests.conftest import CENTRAL_TILE, DEMO_BBOX, DEMO_CATALOG
+
+SPECS = available_specs()
+TILE = Tile(*CENTRAL_TILE)
+START, END = dt.date(2020, 11, 1), dt.date(2021, 10, 31)
+SHARED_STAC = DEMO_CATALOG.parents[2] / "shared" / "data" / "stac"
+
+
+def demo_items(name):
+    return search_items(resolve_provider("demo"), SPECS[name], DEMO_BBOX, START, END)
+
+
+@pytest.mark.parametrize("name,tolerance", [("sentinel-2-l2a", 0), ("sentinel-1", 0),
+                                            ("copernicus-dem", 0.3)])
+def test_odc_stac_and_stackstac_give_the_same_cube(name, tolerance):
+    spec = SPECS[name]
+    cubes = [load_cube(demo_items(name), spec, TILE.geobox(spec.gsd_m), naming="demo", backend=b)
+             for b in ("odc-stac", "stackstac")]
+    for lazy in cubes:  # lazy on Dask, one chunk per tile
+        assert lazy.chunks is not None and lazy.data.numblocks == (1, 1, 1, 1)
+    odc, stk = (read_cube(c) for c in cubes)
+    assert odc.dims == stk.dims == ("time", "band", "y", "x") and odc.shape == stk.shape
+    for coord in ("time", "band", "x", "y"):
+        np.testing.assert_array_equal(odc[coord].values, stk[coord].values)
+    assert odc.odc.geobox == stk.odc.geobox == TILE.geobox(spec.gsd_m)
+    np.testing.assert_array_equal(np.isnan(odc.values), np.isnan(stk.values))
+    # The 10 m grids align with the COGs: identical. The 30 m DEM is resampled (bilinear) by
+    # two different warpers: within 0.3 m of ~150 m.
+    np.testing.assert_allclose(odc.values, stk.values, rtol=0, atol=tolerance)
+
+
+def test_unknown_backend():
+    with pytest.raises(SpecError, match="unknown cube backend 'gdal'"):
+        load_cube(demo_items("sentinel-1"), SPECS["sentinel-1"], TILE.geobox(10), naming="demo",
+                  backend="gdal")
+
+
+def test_mask_rules_for_scl_classes_and_qa_pixel_bits():
+    import xarray as xr
+
+    s2, landsat = SPECS["sentinel-2-l2a"].cloud_mask, SPECS["landsat-c2-l2"].cloud_mask
+    scl = xr.DataArray(np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, np.nan]))
+    assert invalid_pixels(scl, s2).values.tolist() == [
+        True, True, False, True, False, False, False, False, True, True, True, False, False]
+    # QA_PIXEL: 21824 clear land, 21952 clear water, 1 fill, 22280 cloud (bit 3),
+    # 23888 cloud shadow (bit 4), 54596 cirrus (bit 2), 21826 dilated cloud (bit 1).
+    qa = xr.DataArray(np.array([21824, 21952, 1, 22280, 23888, 54596, 21826], dtype="float32"))
+    assert invalid_pixels(qa, landsat).values.tolist() == [False, False, True, True, True, True, True]
+
+
+@pytest.fixture(scope="module")
+def cloudy_catalog(tmp_path_factory):
+    """The demo's June S2 item with a real-layout 20 m SCL asset added: vegetation (4) in the
+    west half, high-probability cloud (9) in the east half of the central tile."""
+    root = tmp_path_factory.mktemp("cloudy")
+    shutil.copytree(DEMO_CATALOG / "sentinel-2-l2a" / "S2-L2A-DEMO-20210601", root / "item")
+    item = pystac.Item.from_file(str(root / "item" / "S2-L2A-DEMO-20210601.json"))
+    item.clear_links()
+    with rasterio.open(root / "item" / "B04.tif") as src:
+        profile, bounds = src.profile, src.bounds
+    width, height = profile["width"] // 2, profile["height"] // 2
+    transform = rasterio.transform.from_bounds(*bounds, width, height)
+    scl = np.full((height, width), 4, dtype="uint8")
+    col = int((TILE.bounds[0] + TILE.size_m / 2 - bounds.left) // 20)
+    scl[:, col:] = 9
+    with rasterio.open(root / "item" / "SCL.tif", "w", driver="GTiff", width=width, height=height,
+                       count=1, dtype="uint8", crs=profile["crs"], transform=transform, nodata=0) as dst:
+        dst.write(scl, 1)
+    item.add_asset("SCL", pystac.Asset(str(root / "item" / "SCL.tif"), roles=["data"]))
+    for asset in item.assets.values():
+        asset.href = str((root / "item" / asset.href.split("/")[-1]).resolve())
+    return item
+
+
+@pytest.mark.parametrize("backend", ["odc-stac", "stackstac"])
+def test_scl_clouds_become_nan_on_every_band(cloudy_catalog, backend):
+    spec = SPECS["sentinel-2-l2a"]
+    masked = read_cube(load_cube([cloudy_catalog], spec, TILE.geobox(10), backend=backend))
+    plain = read_cube(load_cube([cloudy_catalog], spec, TILE.geobox(10), naming="demo", backend=backend))
+    assert masked.shape == plain.shape == (1, 9, 60, 60)
+    west, east = masked.values[..., :30], masked.values[..., 30:]
+    assert np.isnan(east).all() and not np.isnan(west).any()
+    np.testing.assert_array_equal(west, plain.values[..., :30])
+
+
+def test_monthly_input_binned_by_quarter_keeps_dates():
+    spec = SPECS["sentinel-2-l2a"]
+    lazy = load_cube(demo_items("sentinel-2-l2a"), spec, TILE.geobox(10), naming="demo")
+    binned = bin_time(lazy, "QS-DEC")
+    assert binned.data.numblocks[2:] == (1, 1)  # still lazy
+    binned, monthly = read_cube(binned), read_cube(lazy).values
+    assert binned.dates_in_bin.values.tolist() == [1, 3, 3, 3, 2]
+    assert str(binned.period.values[1])[:10] == "2020-12-01"
+    # Dec, Jan, Feb composites: stamped at their mean date, median over the clear ones.
+    assert str(binned.time.values[1])[:10] == "2021-01-01"
+    np.testing.assert_allclose(binned.values[1], np.nanmedian(monthly[1:4], axis=0), rtol=1e-6)
+    assert binned.dims == ("time", "band", "y", "x") and binned.attrs["time_bin"] == "QS-DEC"
+
+
+@pytest.mark.parametrize("backend", ["odc-stac", "stackstac"])
+def test_geometry_of_13_planetary_computer_items_without_reading_pixels(backend):
+    """Real PC sentinel-2-l2a items of MGRS 35MNM (June-July 2020): the grid and time axis
+    come from metadata alone; hrefs point to the internet and are never read."""
+    features = json.loads((SHARED_STAC / "odc-stac/data/site2-2020_jun_jul-35MNM.geojson").read_text())
+    items = [pystac.Item.from_dict(f) for f in features["features"]]
+    spec = SPECS["sentinel-2-l2a"]
+    tile = plan_tiles(box(27.5, -7.75, 27.505, -7.745), 600.0)[0]
+    cube = load_cube(items, spec, tile.geobox(10), naming="planetary-computer", backend=backend)
+    assert tile.epsg == 32735 and cube.attrs["crs"] == "EPSG:32735"
+    assert cube.dims == ("time", "band", "y", "x") and cube.shape == (13, 9, 60, 60)
+    assert list(cube.band.values) == spec.band_names
+    assert cube.attrs["transform"] == (10.0, 0.0, tile.bounds[0], 0.0, -10.0, tile.bounds[3])
+    dates = sorted({i.datetime.date() for i in items})
+    assert [str(t)[:10] for t in cube.time.values] == [str(d) for d in dates]
+    assert dates[0] == dt.date(2020, 6, 1) and dates[-1] == dt.date(2020, 7, 31)
