@@ -8,6 +8,7 @@ nodata and cloud-masked pixels become NaN, values are scaled to physical units (
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -22,6 +23,7 @@ from ..errors import SpecError
 from ..modalities import ModalitySpec
 from .masks import invalid_pixels
 
+log = logging.getLogger("anysat")
 Backend = Literal["odc-stac", "stackstac"]
 BACKENDS: tuple[Backend, ...] = ("odc-stac", "stackstac")
 
@@ -102,6 +104,11 @@ def load_cube(items: Sequence[pystac.Item], spec: ModalitySpec, geobox: GeoBox, 
         raise SpecError(f"unknown cube backend '{backend}': use one of {', '.join(BACKENDS)}")
     assets = spec.asset_keys(naming)
     mask_asset = spec.mask_asset(naming)
+    if mask_asset and not all(mask_asset in item.assets for item in items):
+        # e.g. composites served under a provider's naming: their cloud mask is already applied
+        log.warning("%s: not every item has the '%s' asset; no per-pixel cloud mask applied",
+                    spec.name, mask_asset)
+        mask_asset = None
     resampling = {a: spec.resampling for a in assets}
     if mask_asset:
         resampling[mask_asset] = "nearest"  # classes and bit flags must not be interpolated
