@@ -69,7 +69,7 @@ def _read_stackstac(items: Sequence[pystac.Item], assets: list[str], resampling:
                                 solar_day=("time", days))
     groups = [stack.isel(time=np.flatnonzero(days == day)) for day in np.unique(days)]
     mosaics = [stackstac.mosaic(g, dim="time", nodata=fill).expand_dims(time=[g.time.values.min()])
-               if g.sizes["time"] > 1 else g.drop_vars("solar_day") for g in groups]
+               if g.sizes["time"] > 1 else g for g in groups]  # first valid pixel of the day
     cube = xr.concat([m.drop_vars("solar_day", errors="ignore") for m in mosaics], "time")
     cube = cube.drop_vars([c for c in cube.coords if c not in ("time", "band")])
     if cube.shape[-2:] != geobox.shape.yx:

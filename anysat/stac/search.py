@@ -14,6 +14,10 @@ from shapely.geometry.base import BaseGeometry
 
 from ..errors import NoItemsError, SpecError, UnknownCollectionError
 from ..modalities import ModalitySpec
+from .api import collection_exists, open_client, run_search
+from .providers import Provider
+
+log = logging.getLogger("anysat")
 
 # A region is a lon/lat bbox (west, south, east, north), sent to APIs as `bbox`, or a shapely
 # geometry in EPSG:4326, sent as `intersects`.
@@ -22,10 +26,6 @@ Region = BaseGeometry | tuple[float, float, float, float]
 
 def region_geometry(region: Region) -> BaseGeometry:
     return region if isinstance(region, BaseGeometry) else box(*region)
-from .api import collection_exists, open_client, run_search
-from .providers import Provider
-
-log = logging.getLogger("anysat")
 
 
 def _item_interval(item: pystac.Item) -> tuple[dt.datetime, dt.datetime]:
