@@ -39,7 +39,14 @@ def make_tiled_catalog(folder: Path) -> Path:
     import rasterio
     from rasterio.transform import from_origin
 
+    from pyproj import Transformer
+
     x0, y0 = X0, Y0
+    real = {}
+    for band in BANDS:
+        with rasterio.open(DEMO_JUNE / f"{band}.tif") as src:
+            real[band] = src.read(1)
+    to_ll = Transformer.from_crs(32631, 4326, always_xy=True)
     items = []
     for d in range(DATES):
         when = dt.datetime(2021, 6, 1 + 5 * d, 10, 30, tzinfo=dt.timezone.utc)
@@ -50,10 +57,8 @@ def make_tiled_catalog(folder: Path) -> Path:
                 item_id = f"T{gx}{gy}-{when:%Y%m%d}"
                 assets = {}
                 for band in BANDS:
-                    with rasterio.open(DEMO_JUNE / f"{band}.tif") as src:
-                        real = src.read(1)
-                    reps = -(-ITEM_PX // real.shape[0])
-                    pixels = np.tile(np.roll(real, d * 7, axis=1), (reps, reps))[:ITEM_PX, :ITEM_PX]
+                    reps = -(-ITEM_PX // real[band].shape[0])
+                    pixels = np.tile(np.roll(real[band], d * 7, axis=1), (reps, reps))[:ITEM_PX, :ITEM_PX]
                     path = folder / f"{item_id}_{band}.tif"
                     with rasterio.open(path, "w", driver="COG", width=ITEM_PX, height=ITEM_PX,
                                        count=1, dtype="uint16", crs="EPSG:32631",
@@ -62,9 +67,6 @@ def make_tiled_catalog(folder: Path) -> Path:
                         dst.write(pixels, 1)
                     assets[band] = pystac.Asset(str(path), media_type=pystac.MediaType.COG)
                 bbox_utm = (west, north - ITEM_PX * 10, west + ITEM_PX * 10, north)
-                from pyproj import Transformer
-
-                to_ll = Transformer.from_crs(32631, 4326, always_xy=True)
                 lons, lats = to_ll.transform([bbox_utm[0], bbox_utm[2]], [bbox_utm[1], bbox_utm[3]])
                 bbox = [min(lons), min(lats), max(lons), max(lats)]
                 item = pystac.Item(item_id, {"type": "Polygon", "coordinates": [[

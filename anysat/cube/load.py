@@ -114,8 +114,9 @@ def load_cube(items: Sequence[pystac.Item], spec: ModalitySpec, geobox: GeoBox, 
         resampling[mask_asset] = "nearest"  # classes and bit flags must not be interpolated
     raw = READERS[backend](items, list(resampling), resampling, geobox, spec.nodata, patch_url)
     cube = raw.sel(band=assets)
-    valid = cube != spec.nodata if spec.nodata is not None else cube.notnull()
-    valid = valid & cube.notnull()
+    valid = cube.notnull()
+    if spec.nodata is not None:
+        valid = valid & (cube != spec.nodata)
     if mask_asset:
         valid = valid & ~invalid_pixels(raw.sel(band=mask_asset), spec.cloud_mask)
     values = cube.astype("float32") * np.float32(spec.scale) + np.float32(spec.offset)

@@ -23,19 +23,16 @@ log = logging.getLogger("anysat")
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 
-def retry_policy() -> tuple[Retry, float]:
-    retries = int(os.environ.get("ANYSAT_STAC_RETRIES", 5))
-    backoff = float(os.environ.get("ANYSAT_STAC_BACKOFF_S", 1.0))
-    timeout = float(os.environ.get("ANYSAT_STAC_TIMEOUT_S", 60))
-    retry = Retry(total=retries, backoff_factor=backoff, status_forcelist=RETRY_STATUSES,
-                  allowed_methods=None,  # searches are POSTs, and safe to repeat
-                  respect_retry_after_header=True, raise_on_status=False)
-    return retry, timeout
+def retry_settings() -> tuple[int, float, float]:
+    """(retries, first backoff in s, per-request timeout in s), read from the environment."""
+    env = os.environ.get
+    return (int(env("ANYSAT_STAC_RETRIES", 5)), float(env("ANYSAT_STAC_BACKOFF_S", 1.0)),
+            float(env("ANYSAT_STAC_TIMEOUT_S", 60)))
 
 
 def _explain(url: str, exc: Exception) -> CatalogUnreachableError:
     status = getattr(exc, "status_code", None)
-    retries = int(os.environ.get("ANYSAT_STAC_RETRIES", 5))
+    retries = retry_settings()[0]
     if status is None:
         reason = f"cannot reach STAC API {url} (after {retries} retries): {str(exc)[:300]}"
     else:
@@ -46,8 +43,10 @@ def _explain(url: str, exc: Exception) -> CatalogUnreachableError:
 
 
 @lru_cache(maxsize=8)
-def _open(url: str, retries: str, backoff: str, timeout_s: str) -> Client:
-    retry, timeout = retry_policy()
+def _open(url: str, retries: int, backoff: float, timeout: float) -> Client:
+    retry = Retry(total=retries, backoff_factor=backoff, status_forcelist=RETRY_STATUSES,
+                  allowed_methods=None,  # searches are POSTs, and safe to repeat
+                  respect_retry_after_header=True, raise_on_status=False)
     try:
         return Client.open(url, stac_io=StacApiIO(max_retries=retry, timeout=timeout))
     except (APIError, OSError) as exc:
@@ -55,11 +54,9 @@ def _open(url: str, retries: str, backoff: str, timeout_s: str) -> Client:
 
 
 def open_client(url: str) -> Client:
-    """The API's client, opened once per process and retry policy (the landing page is
+    """The API's client, opened once per process and retry settings (the landing page is
     fetched once, not per tile)."""
-    env = os.environ.get
-    return _open(url, env("ANYSAT_STAC_RETRIES", ""), env("ANYSAT_STAC_BACKOFF_S", ""),
-                 env("ANYSAT_STAC_TIMEOUT_S", ""))
+    return _open(url, *retry_settings())
 
 
 def run_search(client: Client, name: str, query: dict) -> list[pystac.Item]:
