@@ -9,7 +9,7 @@ SHELL := /bin/bash
 # pip warns about every package missing from the local mirror; keep real errors visible.
 PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install demo test clean-outputs
+.PHONY: install demo test evaluate pretrain-demo clean-outputs
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	@echo "== creating $(VENV) (torch first, then anysat with its pinned dependencies)"
@@ -27,6 +27,14 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The probe table of the shipped checkpoint (outputs/evaluation.md, outputs/evaluation.json).
+evaluate: install
+	$(BIN)/anysat evaluate
+
+# Reproduces catalogs/checkpoints/demo (the checkpoint that ships) from the repository's data.
+pretrain-demo: install
+	$(BIN)/python -m anysat.train.demo_checkpoint --out catalogs/checkpoints/demo
 
 clean-outputs:
 	rm -rf outputs

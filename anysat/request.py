@@ -14,6 +14,7 @@ from .errors import RequestError
 from .modalities import ModalitySpec, resolve_sensors
 
 DEFAULT_SENSORS = ("sentinel-2-l2a", "sentinel-1", "copernicus-dem")
+DEFAULT_MODEL = "demo"  # the pretrained checkpoint that ships (catalogs/checkpoints/demo)
 
 
 def is_multiple(value: float, step: float) -> bool:
@@ -35,7 +36,7 @@ class RegionRequest(BaseModel):
     tile_size_m: PositiveFloat = 600.0
     catalog: str = "demo"
     output_uri: str = "outputs"
-    model: str = "tiny"
+    model: str = DEFAULT_MODEL
     tiles_per_batch: int = Field(default=2, ge=1)
     max_cloud: float | None = Field(default=None, ge=0, le=100)  # scene cloud cover, %
     time_bin: str | None = None  # median per period, a pandas offset alias ("MS" = monthly)

@@ -25,7 +25,7 @@ from prefect_dask import DaskTaskRunner  # noqa: E402
 from anysat import pipeline  # noqa: E402
 from anysat.cli import add_request_arguments, request_from_args  # noqa: E402
 from anysat.errors import AnySatError  # noqa: E402
-from anysat.request import DEFAULT_SENSORS, RegionRequest  # noqa: E402
+from anysat.request import DEFAULT_MODEL, DEFAULT_SENSORS, RegionRequest  # noqa: E402
 from anysat.tiles import Tile  # noqa: E402
 
 # Resume is handled by the library's per-tile done-markers, not by Prefect's result cache.
@@ -51,7 +51,7 @@ def embed_region(
     tile_size_m: float = 600.0,
     catalog: str = "demo",
     output_uri: str = "outputs",
-    model: str = "tiny",
+    model: str = DEFAULT_MODEL,
     tiles_per_batch: int = 2,
     max_cloud: float | None = None,
     time_bin: str | None = None,

@@ -69,8 +69,13 @@ class Block(nn.Module):
 
 class FusionBlock(nn.Module):
     """Last encoder block (the official CrossBlockMulti): per patch, a learned query at the
-    patch's position cross-attends over the tile token and that patch's modality tokens, so
-    the sensors become one token per patch; the tile token's query attends over everything."""
+    patch's position cross-attends over that patch's modality tokens, so the sensors become one
+    token per patch; the tile token's query attends over everything.
+
+    Unlike the official block, a patch's query sees the tile token only when none of its
+    sensors has data: with the tile token among every patch's keys, JEPA targets drifted to
+    the tile's summary (within-chip share of the patch variance 26 % -> 12 % in 300 steps, vs
+    30 % -> 34 % without it), a shortcut the predictor reads off the context."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -93,10 +98,10 @@ class FusionBlock(nn.Module):
         tile, tokens = self.norm1(tile), self.norm1(tokens)
         k_t, v_t = self.kv(tile).view(b, 1, 2, h, dh).unbind(2)                  # [B, 1, h, dh]
         k, v = self.kv(tokens).view(b, m, n, 2, h, dh).unbind(3)                 # [B, M, N, h, dh]
-        # per patch: keys = tile token + the M sensor tokens of that patch
+        # per patch: keys = the M sensor tokens of that patch (the tile token if none is valid)
         k_p = torch.cat([k_t[:, None].expand(b, n, 1, h, dh), k.transpose(1, 2)], 2)
         v_p = torch.cat([v_t[:, None].expand(b, n, 1, h, dh), v.transpose(1, 2)], 2)
-        keep_p = torch.cat([keep.new_ones(b, n, 1), keep.transpose(1, 2)], 2)  # [B, N, 1+M]
+        keep_p = torch.cat([~keep.any(1)[..., None], keep.transpose(1, 2)], 2)   # [B, N, 1+M]
         q_p = self.q(self.query + position).view(b * n, 1, h, dh).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q_p, k_p.reshape(b * n, m + 1, h, dh).transpose(1, 2),

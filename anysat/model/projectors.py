@@ -38,12 +38,13 @@ def _normalised(x: torch.Tensor, valid: torch.Tensor, mean: torch.Tensor, std: t
 class TemporalProjector(nn.Module):
     """[..., T, C] pixel time series + dates -> [..., D] one token per pixel.
 
-    MLP C -> D/8 -> D/2 -> D -> 2D -> D on every valid pixel-date, a day-of-year encoding,
-    and attention pooling over dates from a learned master query per head (16 heads, key dim
-    8); the values are the MLP outputs split into heads. Invalid pixel-dates get no weight.
+    As the official LTAE projector: an MLP C -> D/8 -> D/2 -> D -> 2D with a norm and ReLU
+    after every layer, a day-of-year code added to its output, attention pooling over dates
+    from a learned master query per head (16 heads, key dim 8), then a linear map 2D -> D and
+    a norm. Invalid pixel-dates get no weight.
 
-    Speed: the MLP's last layer is linear and attention pooling is linear in the values, so
-    the layer is applied once per pixel after pooling, not once per pixel-date (exact).
+    Speed: the map 2D -> D is linear and attention pooling is linear in the values, so the map
+    is applied once per pixel after pooling, not once per pixel-date (exact).
     """
 
     def __init__(self, modality: ModalityConfig, dim: int, heads: int = 16, key_dim: int = 8):
@@ -51,8 +52,8 @@ class TemporalProjector(nn.Module):
         self.heads, self.key_dim = heads, key_dim
         self.register_buffer("mean", torch.tensor(modality.mean), persistent=False)
         self.register_buffer("std", torch.tensor(modality.std), persistent=False)
-        self.hidden = mlp([len(modality.bands), dim // 8, dim // 2, dim, 2 * dim])
-        self.out = nn.Linear(2 * dim, dim)            # the MLP's last layer, applied after pooling
+        self.hidden = mlp([len(modality.bands), dim // 8, dim // 2, dim, 2 * dim], norm=True)
+        self.out = nn.Linear(2 * dim, dim)            # applied after pooling (see above)
         self.key = nn.Linear(dim, heads * key_dim)
         self.query = nn.Parameter(torch.randn(heads, key_dim) * key_dim ** -0.5)
         self.norm = nn.LayerNorm(dim)
@@ -64,16 +65,15 @@ class TemporalProjector(nn.Module):
         d = self.out.out_features
         z = _normalised(x, valid, self.mean, self.std, band_dim=3).reshape(b * p, t, c)
         keep = valid.reshape(b * p, t)
-        date_code = sincos_1d(day_of_year(dates_days), d, DOY_PERIOD)                  # [B, T, D]
-        # keys of (out(g) + date) = (W_k W_out) g + W_k b_out + b_k + W_k date
-        w_key = self.key.weight @ self.out.weight                                      # [H*K, 2D]
+        date_code = sincos_1d(day_of_year(dates_days), 2 * d, DOY_PERIOD).to(z.dtype)   # [B, T, 2D]
+        sample = torch.arange(b, device=x.device).repeat_interleave(p)                  # row -> sample
+        # keys of out(g + date) = (W_k W_out)(g + date) + W_k b_out + b_k
+        w_key = self.key.weight @ self.out.weight                                       # [H*K, 2D]
         b_key = self.key.weight @ self.out.bias + self.key.bias
-        date_key = F.linear(date_code, self.key.weight)                                # [B, T, H*K]
-        chunks = [  # per sample (dates are per sample), in chunks of pixels
-            self._pool(z[rows], keep[rows], date_code[i], date_key[i], w_key, b_key)
-            for i in range(b)
-            for rows in torch.arange(i * p, (i + 1) * p, device=x.device).split(PIXELS_PER_CHUNK)]
-        tokens = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        date_key = F.linear(date_code, w_key)                                           # [B, T, H*K]
+        rows = torch.arange(b * p, device=x.device).split(PIXELS_PER_CHUNK)
+        tokens = torch.cat([self._pool(z[r], keep[r], date_code[sample[r]], date_key[sample[r]],
+                                       w_key, b_key) for r in rows])
         any_valid = keep.any(dim=1)
         tokens = self.norm(tokens) * any_valid[:, None]
         return tokens.view(b, p, d), any_valid.view(b, p)
@@ -88,22 +88,20 @@ class TemporalProjector(nn.Module):
         return g.new_zeros(n * t, g.shape[-1]).index_copy(0, flat, g).view(n, t, -1)
 
     def _pool(self, z, keep, date_code, date_key, w_key, b_key) -> torch.Tensor:
-        """One sample's pixels z [n, T, C] -> pooled tokens [n, D] (before the norm);
-        date_code [T, D], date_key [T, H*K]."""
+        """Pixels z [n, T, C] with their dates' codes [n, T, 2D] and key codes [n, T, H*K]
+        -> pooled tokens [n, D] (before the norm)."""
         n, t, _ = z.shape
         h, k = self.heads, self.key_dim
-        g = self._hidden_valid_only(z, keep)                                           # [n, T, 2D]
+        g = self._hidden_valid_only(z, keep)                                            # [n, T, 2D]
         keys = (F.linear(g, w_key, b_key) + date_key).view(n, t, h, k)
-        logits = (keys * self.query).sum(-1) / math.sqrt(k)                           # [n, T, H]
+        logits = (keys * self.query).sum(-1) / math.sqrt(k)                            # [n, T, H]
         logits = logits.masked_fill(~keep[..., None], float("-inf"))
         logits = torch.where(keep.any(1)[:, None, None], logits, 0.0)  # empty pixels: no NaN
         attn = logits.softmax(dim=1)
-        pooled = torch.bmm(attn.transpose(1, 2), g)                                    # [n, H, 2D]
+        pooled = torch.bmm(attn.transpose(1, 2), g + date_code)                         # [n, H, 2D]
         d = self.out.out_features
-        w_out = self.out.weight.view(h, d // h, -1)                                    # [H, D/H, 2D]
-        values = torch.bmm(pooled.transpose(0, 1), w_out.transpose(1, 2))              # [H, n, D/H]
-        # + the pooled date codes, head by head: [H, n, T] @ [H, T, D/H]
-        values = values + torch.bmm(attn.permute(2, 0, 1), date_code.view(t, h, d // h).transpose(0, 1))
+        w_out = self.out.weight.view(h, d // h, -1)                                     # [H, D/H, 2D]
+        values = torch.bmm(pooled.transpose(0, 1), w_out.transpose(1, 2))               # [H, n, D/H]
         return values.transpose(0, 1).reshape(n, d) + self.out.bias
 
 

@@ -1,17 +1,22 @@
 """Joint-embedding predictive pretraining (JEPA) of the AnySat encoder.
 
-A context encoder sees a random subset of the patches (with some dates and sensors hidden);
-a narrow predictor, given the context tokens and the positions of the hidden patches as mask
-tokens, regresses the embeddings an EMA copy of the encoder (the target) gives those patches
-from the full input:
+A context encoder sees one large block of the patches with the target blocks removed (and
+some dates and sensors hidden); a narrow predictor, given the context tokens and the
+positions of the target patches as mask tokens, regresses the embeddings an EMA copy of the
+encoder (the target) gives those patches from the full input, layer-normalised over the
+feature dimension as in I-JEPA and the official AnySat:
 
-    L = 1/M sum_k || g(z_ctx, m_k) - sg[f_target(x)_k] ||^2,   theta_t <- tau theta_t + (1 - tau) theta
+    L = mean_k d(g(z_ctx, m_k), sg[LN(f_target(x)_k)]),   theta_t <- tau theta_t + (1 - tau) theta
+
+with d the smooth-L1 distance (the official choice) or the squared L2 distance, averaged
+over the feature dimension so that every patch size weighs the same.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +26,15 @@ from ..model import AnySat
 from ..model.anysat import POSITION_UNIT_M, Layout
 from ..model.config import SIZES
 from ..model.layers import Block, sincos_2d_m
+from .masks import MultiBlockMasks
+from .monitors import embedding_std, rankme
 
 
 @dataclass(frozen=True)
 class JEPAConfig:
-    mask_ratio: float = 0.5          # share of patches the context does not see (official: 0.5)
+    masks: MultiBlockMasks = MultiBlockMasks()
+    loss: Literal["smooth_l1", "mse"] = "smooth_l1"
+    target_norm: Literal["layer", "batch"] = "batch"
     date_drop: float = 0.25          # share of a time series' dates hidden from the context
     modality_drop: float = 0.15      # chance a sensor is hidden from a sample's context
     ema_start: float = 0.996         # tau, raised linearly to ema_end (official: 0.996 -> 1.0)
@@ -39,35 +48,41 @@ def ema_momentum(step: int, total_steps: int, start: float = 0.996, end: float =
     return start + (end - start) * min(step, total_steps) / max(total_steps, 1)
 
 
-def rankme(z: torch.Tensor, eps: float = 1e-7) -> float:
-    """RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values of
-    the embeddings [N, D]; near 1 when collapsed, up to min(N, D) when spread."""
-    s = torch.linalg.svdvals(z.detach().float())
-    p = s / s.sum() + eps
-    return float(torch.exp(-(p * p.log()).sum()))
+def normalise_targets(z: torch.Tensor, how: str) -> torch.Tensor:
+    """Target embeddings [B, N, D] -> what the predictor regresses. `layer`: layer norm over
+    the features (I-JEPA). `batch`: first each feature standardised over the batch's patches
+    (data2vec's instance norm), then the layer norm: a constant prediction never scores well."""
+    if how == "batch":
+        flat = z.reshape(-1, z.shape[-1])
+        z = (z - flat.mean(0)) / (flat.var(0, unbiased=False) + 1e-6).sqrt()
+    return F.layer_norm(z, z.shape[-1:])
 
 
 class Predictor(nn.Module):
-    """Narrow transformer: context tokens + mask tokens at the hidden patches' positions ->
-    predicted target embeddings of the hidden patches."""
+    """Narrow transformer: the context's tile token and patch tokens + mask tokens at the
+    hidden patches' positions -> predicted target embeddings of the hidden patches. The tile
+    token is among the inputs so that the encoder's tile output (the `tile` embedding users
+    get) is trained too: it must carry what helps predict the hidden patches."""
 
     def __init__(self, dim: int, pred_dim: int, depth: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.pred_dim = pred_dim
         self.embed = nn.Linear(dim, pred_dim)
         self.mask_token = nn.Parameter(torch.randn(1, 1, pred_dim) * 0.02)
+        self.tile_position = nn.Parameter(torch.randn(1, 1, pred_dim) * 0.02)
         self.blocks = nn.ModuleList(Block(pred_dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(pred_dim, eps=1e-6)
         self.proj = nn.Linear(pred_dim, dim)
 
-    def forward(self, context: torch.Tensor, context_pos: torch.Tensor,
+    def forward(self, tile: torch.Tensor, context: torch.Tensor, context_pos: torch.Tensor,
                 target_pos: torch.Tensor) -> torch.Tensor:
-        """context [B, Nc, D]; positions [B, Nc, P] and [B, Nt, P] -> [B, Nt, D]."""
-        x = torch.cat([self.embed(context) + context_pos,
+        """tile [B, D]; context [B, Nc, D]; positions [B, Nc, P] and [B, Nt, P] -> [B, Nt, D]."""
+        x = torch.cat([self.embed(tile[:, None]) + self.tile_position,
+                       self.embed(context) + context_pos,
                        self.mask_token.expand(*target_pos.shape[:2], -1) + target_pos], dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.proj(self.norm(x[:, context.shape[1]:]))
+        return self.proj(self.norm(x[:, 1 + context.shape[1]:]))
 
 
 class JEPA(nn.Module):
@@ -83,13 +98,6 @@ class JEPA(nn.Module):
         self.predictor = Predictor(encoder.config.dim, pred_dim, depth, heads, encoder.config.mlp_ratio)
 
     # -- masks ---------------------------------------------------------------------------------
-    def sample_patches(self, b: int, n: int, generator: torch.Generator | None, device=None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per sample, a random split of the n patches: context [B, Nc] and targets [B, Nt]."""
-        n_ctx = min(n - 1, max(1, round(n * (1 - self.config.mask_ratio))))
-        order = torch.rand(b, n, generator=generator).argsort(dim=1).to(device)
-        return order[:, :n_ctx].sort(dim=1).values, order[:, n_ctx:].sort(dim=1).values
-
     def context_batch(self, batch: dict[str, torch.Tensor], layout: Layout,
                       generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         """The batch the context sees: some dates of each time series and some sensors hidden
@@ -111,29 +119,39 @@ class JEPA(nn.Module):
 
     # -- loss ----------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor], patch_size_m: float,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor | float]:
-        """Loss and collapse monitors for one batch."""
+                generator: torch.Generator | None = None,
+                masks: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> dict[str, torch.Tensor | float]:
+        """Loss and collapse monitors for one batch. `masks` (context [B, Nc], targets
+        [B, Nt] patch indices) come from the data loader; drawn here when not given."""
         layout = self.encoder.check_batch(batch, patch_size_m)
-        b, n = batch[layout.sensors[0]].shape[0], layout.grid ** 2
+        b = batch[layout.sensors[0]].shape[0]
         device = batch[layout.sensors[0]].device
-        context_idx, target_idx = self.sample_patches(b, n, generator, device)
+        if masks is None:
+            masks = self.config.masks(b, layout.grid, generator)
+        context_idx, target_idx = (m.to(device) for m in masks)
         with torch.no_grad():
             _, _, _, full, _ = self.target.forward_features(batch, patch_size_m)
+            full = normalise_targets(full, self.config.target_norm)
             rows = torch.arange(b, device=device)[:, None]
             targets = full[rows, target_idx]
-        _, sensors, _, context, per_sensor = self.encoder.forward_features(
+        _, sensors, tile, context, per_sensor = self.encoder.forward_features(
             self.context_batch(batch, layout, generator), patch_size_m, patches=context_idx)
         cx, cy = layout.centres_m(device)
         codes = sincos_2d_m(cx, cy, self.predictor.pred_dim, POSITION_UNIT_M)
-        predicted = self.predictor(context, codes[context_idx], codes[target_idx])
-        jepa = ((predicted - targets.to(predicted.dtype)) ** 2).sum(-1).mean()
+        predicted = self.predictor(tile, context, codes[context_idx], codes[target_idx])
+        targets = targets.to(predicted.dtype)
+        if self.config.loss == "smooth_l1":
+            jepa = F.smooth_l1_loss(predicted, targets)
+        else:
+            jepa = F.mse_loss(predicted, targets)
         out = {"jepa": jepa, "loss": jepa}
         if self.config.milnce_weight > 0 and len(sensors) > 1:
             valid = torch.stack([s.valid for s in sensors.values()], 1)
             out["milnce"] = milnce(per_sensor, valid, self.config.milnce_temperature)
             out["loss"] = jepa + self.config.milnce_weight * out["milnce"]
         flat = context.detach().reshape(-1, context.shape[-1]).float()
-        out["embedding_std"] = float(F.normalize(flat, dim=-1).std(dim=0).mean())
+        out["embedding_std"] = embedding_std(flat)
         out["rankme"] = rankme(flat)
         return out
 

@@ -9,9 +9,10 @@ from anysat.model import AnySat, AnySatConfig, load_model
 from anysat.pipeline import load_tile_batch
 from anysat.stac import resolve_provider
 from anysat.tiles import Tile
-from anysat.train import JEPA, JEPAConfig, ema_momentum, rankme
-from anysat.train.jepa import milnce
-from anysat.train.pretrain import ChipSampler, pretrain, save_pretrained
+from anysat.train import (JEPA, JEPAConfig, MultiBlockMasks, collapse_monitors, effective_rank,
+                          ema_momentum, rankme)
+from anysat.train.jepa import milnce, normalise_targets
+from anysat.train.pretrain import ChipSampler, learning_rate, pretrain, save_pretrained
 from tests.conftest import CENTRAL_TILE
 
 SPECS = resolve_sensors(["s2", "s1", "dem"])
@@ -36,8 +37,8 @@ def test_context_never_sees_masked_patches(sampler):
     jepa = JEPA(small_model(), JEPAConfig(date_drop=0.0, modality_drop=0.0))
     batch = sampler.sample(2)
     batch["sentinel-2-l2a"] = batch["sentinel-2-l2a"].clone().requires_grad_(True)
-    jepa(batch, 30, torch.Generator().manual_seed(7))["loss"].backward()
-    context, targets = jepa.sample_patches(2, 16, torch.Generator().manual_seed(7))
+    context, targets = MultiBlockMasks()(2, 4, torch.Generator().manual_seed(7))
+    jepa(batch, 30, torch.Generator().manual_seed(7), (context, targets))["loss"].backward()
     grad = batch["sentinel-2-l2a"].grad.abs().sum(dim=(1, 2))               # [B, 12, 12] px
     per_patch = grad.view(2, 4, 3, 4, 3).sum(dim=(2, 4)).view(2, 16)        # 30 m = 3 px
     rows = torch.arange(2)[:, None]
@@ -63,11 +64,39 @@ def test_target_encoder_gets_no_gradient_and_ema_is_exact(sampler):
     assert ema_momentum(50, 100) == pytest.approx(0.998)
 
 
-def test_masks_split_every_patch_once():
-    jepa = JEPA(small_model(), JEPAConfig(mask_ratio=0.5))
-    context, targets = jepa.sample_patches(3, 16, torch.Generator().manual_seed(1))
-    assert context.shape == targets.shape == (3, 8)
-    assert all(sorted(torch.cat([c, t]).tolist()) == list(range(16)) for c, t in zip(context, targets))
+def test_multiblock_masks_are_blocks_disjoint_and_rectangular():
+    masks = MultiBlockMasks()
+    context, targets = masks(16, 8, torch.Generator().manual_seed(1))
+    assert context.shape[0] == targets.shape[0] == 16
+    assert context.shape[1] >= 1 and targets.shape[1] >= 1
+    for c, t in zip(context, targets):
+        assert not set(c.tolist()) & set(t.tolist())                # targets never in context
+        assert c.tolist() == sorted(c.tolist()) and len(set(c.tolist())) == len(c)
+    # one sample's targets: a union of rectangles of 15-20 % of the grid each
+    _, one = masks.sample_one(8, torch.Generator().manual_seed(3))
+    grid = torch.zeros(64, dtype=torch.bool)
+    grid[one] = True
+    rows, cols = grid.view(8, 8).nonzero().unbind(1)
+    assert 0.15 * 64 * 0.5 <= len(one) <= 4 * 0.2 * 64 * 1.5
+    assert len(set(rows.tolist())) < len(one) or len(set(cols.tolist())) < len(one)  # not scattered
+    # a 2 x 2 grid still gets a context and a target
+    small_c, small_t = masks(4, 2, torch.Generator().manual_seed(0))
+    assert small_c.shape[1] >= 1 and small_t.shape[1] >= 1
+
+
+def test_batch_target_normalisation_leaves_no_constant_to_predict():
+    z = torch.randn(4, 16, 32) * 0.01 + torch.randn(32)             # a large shared constant
+    layer = normalise_targets(z, "layer")
+    batch = normalise_targets(z, "batch")
+    spread = lambda t: float(t.reshape(-1, 32).std(dim=0).mean())   # noqa: E731
+    assert spread(layer) < 0.1 < 0.9 < spread(batch)                # per LN alone: near-constant
+    torch.testing.assert_close(batch.mean(-1), torch.zeros(4, 16), atol=1e-5, rtol=0)
+
+
+def test_learning_rate_warms_up_then_decays():
+    lrs = [learning_rate(s, 100, 1e-3, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-5
 
 
 def test_context_batch_hides_dates_and_sensors_through_masks(sampler):
@@ -85,14 +114,27 @@ def test_context_batch_hides_dates_and_sensors_through_masks(sampler):
     assert s2.sum() < AnySat._valid(batch, "sentinel-2-l2a").sum()
 
 
-def test_loss_falls_on_the_demo_cube(sampler, tmp_path):
+# Floors the collapse monitors of the test run must stay above (patch embeddings of a fixed
+# probe set of 8 demo chips, 64-d model). A collapsed run (the old random 50 % masks without
+# target normalisation) ended at std 0.0004 and RankMe 1.1.
+FLOORS = {"std": 0.005, "rankme": 3.0, "effective_rank": 4.0}
+
+
+def test_pretraining_learns_without_collapse(sampler, tmp_path):
+    probe = ChipSampler(sampler.footprint, sampler.gsd_m, chip_m=120, step_m=30, seed=99).sample(8)
     jepa, history = pretrain(small_model(), sampler, steps=150, patch_sizes_m=[30, 60],
-                             batch_size=4, lr=2e-3, log_every=0)
+                             batch_size=4, log_every=0, monitor_every=50,
+                             monitor=lambda m: collapse_monitors(m, probe, 30))
     first = sum(h["jepa"] for h in history[:15]) / 15
     last = sum(h["jepa"] for h in history[-15:]) / 15
-    assert last < 0.5 * first, (first, last)
+    assert last < 0.8 * first, (first, last)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
-    assert history[-1]["rankme"] > 1 and history[-1]["embedding_std"] > 0
+    monitored = [h for h in history if "probe_rankme" in h]
+    assert [h["step"] for h in monitored] == [0, 50, 100, 149]
+    print({name: [round(h[f"probe_{name}"], 4) for h in monitored] for name in FLOORS})
+    for name, floor in FLOORS.items():   # above the floor, and never below half the start
+        values = [h[f"probe_{name}"] for h in monitored]
+        assert min(values) > max(floor, 0.5 * values[0]), (name, values)
     save_pretrained(jepa, str(tmp_path / "ckpt"), history, {"data": "demo"})
     loaded = load_model(str(tmp_path / "ckpt"))
     batch = sampler.sample(1)
@@ -100,6 +142,14 @@ def test_loss_falls_on_the_demo_cube(sampler, tmp_path):
         torch.testing.assert_close(loaded(batch, 30, "tile"), jepa.target(batch, 30, "tile"),
                                    rtol=1e-5, atol=1e-5)
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in jepa.target.state_dict().items())
+
+
+def test_monitors_flag_a_collapsed_representation():
+    collapsed = torch.randn(1, 64).expand(256, 64) + 1e-4 * torch.randn(256, 64)
+    spread = torch.randn(256, 64)
+    assert rankme(collapsed) < 1.1 < FLOORS["rankme"] < rankme(spread)
+    one_direction = torch.randn(256, 1) * torch.randn(1, 64) + 1e-3 * torch.randn(256, 64)
+    assert effective_rank(one_direction) < 1.1 < FLOORS["effective_rank"] < effective_rank(spread)
 
 
 def test_milnce_option(sampler):
@@ -118,3 +168,4 @@ def test_milnce_option(sampler):
 def test_rankme_tells_collapse_from_spread():
     assert rankme(torch.ones(64, 16)) == pytest.approx(1.0, abs=0.01)
     assert rankme(torch.randn(256, 16)) > 12
+    assert effective_rank(torch.randn(4096, 16)) > 14
