@@ -71,7 +71,8 @@ def get_model(name_or_uri: str, sensors: tuple[str, ...]) -> AnySat:
     missing = [s.name for s in specs if s.name not in model.modalities]
     if missing:
         raise CheckpointError(f"model {name_or_uri} was not built for sensor(s) {missing}; "
-                              f"it takes {list(model.modalities)}")
+                              f"it takes {list(model.modalities)} (--model tiny builds a "
+                              "randomly initialised model for any sensors)")
     return model
 
 

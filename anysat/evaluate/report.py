@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import storage
+from ..errors import AnySatError
 from ..model import AnySat, load_model
 from ..resources import catalogs_dir
 from .landcover import read_land_cover
@@ -41,7 +42,7 @@ def evaluate(checkpoint: str = DEFAULT_CHECKPOINT, output: str | None = "outputs
     `output`/evaluation.{md,json} when `output` is given."""
     unknown = set(tasks) - set(TASKS)
     if unknown:
-        raise ValueError(f"unknown task(s) {sorted(unknown)}; tasks: {', '.join(TASKS)}")
+        raise AnySatError(f"unknown task(s) {sorted(unknown)}; tasks: {', '.join(TASKS)}")
     data = data or evaluation_data()
     model = load_model(checkpoint)
     models = {RANDOM: random_twin(model, seed), PRETRAINED: model}
@@ -70,13 +71,24 @@ def evaluate(checkpoint: str = DEFAULT_CHECKPOINT, output: str | None = "outputs
 
 
 def markdown_table(rows: list[dict], checkpoint: str = "") -> str:
+    """One line per task, split and probe; one column per method: balanced accuracy and
+    macro F1 (mean ± std over folds); then RankMe of each method's features per task."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cells = {(r["task"], r["split"], r["probe"], r["method"]): r for r in rows}
     lines = [f"# Probe evaluation{f' of `{checkpoint}`' if checkpoint else ''}", "",
-             "Balanced accuracy and macro F1, mean ± std over folds.", "",
-             "| task | split | probe | method | balanced accuracy | macro F1 | folds | RankMe |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['task']} | {r['split']} | {r['probe']} | {r['method']} | "
-            f"{r['balanced_accuracy_mean']:.3f} ± {r['balanced_accuracy_std']:.3f} | "
-            f"{r['macro_f1_mean']:.3f} ± {r['macro_f1_std']:.3f} | {r['folds']} | {r['rankme']:.1f} |")
+             "Balanced accuracy / macro F1, mean ± std over 5 folds.", "",
+             "| task | split | probe | " + " | ".join(methods) + " |",
+             "|---|---|---|" + "---|" * len(methods)]
+    for key in dict.fromkeys((r["task"], r["split"], r["probe"]) for r in rows):
+        values = []
+        for method in methods:
+            r = cells.get((*key, method))
+            values.append("" if r is None else
+                          f"{r['balanced_accuracy_mean']:.3f} ± {r['balanced_accuracy_std']:.3f} / "
+                          f"{r['macro_f1_mean']:.3f} ± {r['macro_f1_std']:.3f}")
+        lines.append("| " + " | ".join(key) + " | " + " | ".join(values) + " |")
+    for task in dict.fromkeys(r["task"] for r in rows):
+        spread = {r["method"]: r["rankme"] for r in rows if r["task"] == task}
+        lines.append(f"| {task} | RankMe of the features | | "
+                     + " | ".join(f"{spread.get(m, float('nan')):.1f}" for m in methods) + " |")
     return "\n".join(lines) + "\n"

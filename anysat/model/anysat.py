@@ -80,6 +80,14 @@ class AnySat(nn.Module):
                                     for _ in range(config.depth))
         self.fusion = FusionBlock(d, config.heads, config.mlp_ratio)
         self.norm = nn.LayerNorm(d, eps=1e-6)
+        # Per-feature mean and std of the tile and patch embeddings over the pretraining data
+        # (running averages kept by JEPA pretraining, the statistics its targets are
+        # standardised with; identity until then). Outputs are standardised with them, so an
+        # embedding is its deviation from the typical one, not a large shared constant.
+        for kind in ("tile", "patch"):
+            self.register_buffer(f"{kind}_mean", torch.zeros(d))
+            self.register_buffer(f"{kind}_std", torch.ones(d))
+        self.register_buffer("statistics_updates", torch.zeros((), dtype=torch.long))
 
     @property
     def modalities(self) -> dict[str, ModalityConfig]:
@@ -215,16 +223,34 @@ class AnySat(nn.Module):
         tile, patch_tokens, per_sensor = self.encode(sensors, position)
         return layout, sensors, tile, patch_tokens, per_sensor
 
+    @torch.no_grad()
+    def update_output_statistics(self, tile: torch.Tensor, patches: torch.Tensor,
+                                 momentum: float) -> None:
+        """Running per-feature mean/std of tile [B, D] and patch [..., D] embeddings (plain
+        averages over the first updates, then exponential with `momentum`)."""
+        n = int(self.statistics_updates)
+        momentum = min(momentum, n / (n + 1))
+        self.statistics_updates += 1
+        for kind, z in (("tile", tile), ("patch", patches)):
+            flat = z.detach().float().reshape(-1, z.shape[-1])
+            if flat.shape[0] < 2:   # no spread to learn from one vector
+                continue
+            mean, std = getattr(self, f"{kind}_mean"), getattr(self, f"{kind}_std")
+            mean.mul_(momentum).add_((1 - momentum) * flat.mean(0))
+            std.mul_(momentum).add_((1 - momentum) * flat.std(0).clamp(min=1e-6))
+
     def forward(self, batch: dict[str, torch.Tensor], patch_size_m: float,
                 output: Output = "patch") -> torch.Tensor:
         """`tile` [B, D]; `patch` [B, H/P, W/P, D]; `dense` [B, H', W', 2D] at the finest
-        sub-patch size (each sub-patch: its patch token and its own token)."""
+        sub-patch size (each sub-patch: its patch token and its own token); tile and patch
+        features standardised with the statistics of pretraining."""
         if output not in ("tile", "patch", "dense"):
             raise ModelInputError(f"output must be 'tile', 'patch' or 'dense', not {output!r}")
         layout, sensors, tile, patches, _ = self.forward_features(
             batch, patch_size_m, keep_subpatches=output == "dense")
         if output == "tile":
-            return tile
+            return (tile - self.tile_mean) / self.tile_std
+        patches = (patches - self.patch_mean) / self.patch_std
         b, n, d = patches.shape
         g = layout.grid
         if output == "patch":

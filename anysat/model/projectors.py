@@ -71,8 +71,9 @@ class TemporalProjector(nn.Module):
         w_key = self.key.weight @ self.out.weight                                       # [H*K, 2D]
         b_key = self.key.weight @ self.out.bias + self.key.bias
         date_key = F.linear(date_code, w_key)                                           # [B, T, H*K]
+        date_value = F.linear(date_code, self.out.weight)                               # [B, T, D]
         rows = torch.arange(b * p, device=x.device).split(PIXELS_PER_CHUNK)
-        tokens = torch.cat([self._pool(z[r], keep[r], date_code[sample[r]], date_key[sample[r]],
+        tokens = torch.cat([self._pool(z[r], keep[r], date_value[sample[r]], date_key[sample[r]],
                                        w_key, b_key) for r in rows])
         any_valid = keep.any(dim=1)
         tokens = self.norm(tokens) * any_valid[:, None]
@@ -87,9 +88,9 @@ class TemporalProjector(nn.Module):
         g = self.hidden(z.reshape(n * t, c)[flat])
         return g.new_zeros(n * t, g.shape[-1]).index_copy(0, flat, g).view(n, t, -1)
 
-    def _pool(self, z, keep, date_code, date_key, w_key, b_key) -> torch.Tensor:
-        """Pixels z [n, T, C] with their dates' codes [n, T, 2D] and key codes [n, T, H*K]
-        -> pooled tokens [n, D] (before the norm)."""
+    def _pool(self, z, keep, date_value, date_key, w_key, b_key) -> torch.Tensor:
+        """Pixels z [n, T, C] with their dates' codes mapped to values [n, T, D] and keys
+        [n, T, H*K] -> pooled tokens [n, D] (before the norm)."""
         n, t, _ = z.shape
         h, k = self.heads, self.key_dim
         g = self._hidden_valid_only(z, keep)                                            # [n, T, 2D]
@@ -98,11 +99,13 @@ class TemporalProjector(nn.Module):
         logits = logits.masked_fill(~keep[..., None], float("-inf"))
         logits = torch.where(keep.any(1)[:, None, None], logits, 0.0)  # empty pixels: no NaN
         attn = logits.softmax(dim=1)
-        pooled = torch.bmm(attn.transpose(1, 2), g + date_code)                         # [n, H, 2D]
+        pooled = torch.bmm(attn.transpose(1, 2), g)                                     # [n, H, 2D]
         d = self.out.out_features
         w_out = self.out.weight.view(h, d // h, -1)                                     # [H, D/H, 2D]
         values = torch.bmm(pooled.transpose(0, 1), w_out.transpose(1, 2))               # [H, n, D/H]
-        return values.transpose(0, 1).reshape(n, d) + self.out.bias
+        # + the pooled date codes, head by head (out(g + date) = out(g) + W_out date)
+        dates = (attn[..., None] * date_value.view(n, t, h, d // h)).sum(1)             # [n, H, D/H]
+        return values.transpose(0, 1).reshape(n, d) + dates.reshape(n, d) + self.out.bias
 
 
 class BlockProjector(nn.Module):

@@ -35,11 +35,12 @@ PROBE_PATCH_M = 30.0
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="catalogs/checkpoints/demo", help="checkpoint folder/URI")
-    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--dim", type=int, default=192)
     parser.add_argument("--depth", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--decorrelation", type=float, default=JEPAConfig.decorrelation_weight)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16)")
     parser.add_argument("--device", default="cpu")
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     sampler = FootprintSampler(footprints, CHIP_SIZES_M, seed=args.seed)
     probe = FootprintSampler(footprints[:1], (120.0,), seed=args.seed + 99).sample(16)
 
+    jepa_config = JEPAConfig(decorrelation_weight=args.decorrelation)
     config = dataclasses.replace(AnySatConfig.from_size("tiny", specs), dim=args.dim,
                                  depth=args.depth)
     torch.manual_seed(args.seed)
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     jepa, history = pretrain(
         model, sampler, args.steps, PATCH_SIZES_M, batch_size=args.batch_size, lr=args.lr,
-        config=JEPAConfig(), seed=args.seed, log_every=100, monitor_every=250,
+        config=jepa_config, seed=args.seed, log_every=100, monitor_every=250,
         monitor=lambda m: collapse_monitors(m, probe, PROBE_PATCH_M))
     curve = [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()}
              for h in history if h["step"] % 50 == 0 or h["step"] == len(history) - 1]
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "BigEarthNet CDLA-Permissive-1.0; Copernicus data)"},
         "recipe": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                    "seed": args.seed, "patch_sizes_m": PATCH_SIZES_M,
-                   "chip_sizes_m": list(CHIP_SIZES_M), "jepa": dataclasses.asdict(JEPAConfig()),
+                   "chip_sizes_m": list(CHIP_SIZES_M), "jepa": dataclasses.asdict(jepa_config),
                    "command": "python -m anysat.train.demo_checkpoint " + " ".join(argv or [])},
         "seconds": round(time.perf_counter() - started, 1),
         "curve": curve,

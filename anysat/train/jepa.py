@@ -35,10 +35,20 @@ class JEPAConfig:
     masks: MultiBlockMasks = MultiBlockMasks()
     loss: Literal["smooth_l1", "mse"] = "smooth_l1"
     target_norm: Literal["layer", "batch"] = "batch"
-    date_drop: float = 0.25          # share of a time series' dates hidden from the context
-    modality_drop: float = 0.15      # chance a sensor is hidden from a sample's context
+    statistics_momentum: float = 0.99  # running output mean/std kept in the target encoder
+    # Shares of a time series' dates, and chance of each sensor, hidden from the context (one
+    # sensor always kept). Hard corruption makes the context predict across sensors and
+    # seasons: at 0.7/0.7 the crop-type probe (WorldCereal, logreg) rose to 0.44 after 300
+    # steps, vs 0.37 at 0.5/0.5, 0.31 at 0.25/0.15 and 0.41 at init (256-d, same seed).
+    date_drop: float = 0.7
+    modality_drop: float = 0.7
     ema_start: float = 0.996         # tau, raised linearly to ema_end (official: 0.996 -> 1.0)
     ema_end: float = 1.0
+    # Weight of a decorrelation term on the context's patch embeddings (mean squared
+    # off-diagonal correlation between features). The predictor and the EMA target alone did
+    # not hold: over 1500 steps the centred effective rank of a fixed probe set fell from 33
+    # to 2.2 and the crop-type probe from 0.34 (random init) to 0.23 (192-d).
+    decorrelation_weight: float = 1.0
     milnce_weight: float = 0.0       # > 0 adds the official cross-sensor MIL-NCE term
     milnce_temperature: float = 0.1
 
@@ -101,7 +111,8 @@ class JEPA(nn.Module):
     def context_batch(self, batch: dict[str, torch.Tensor], layout: Layout,
                       generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         """The batch the context sees: some dates of each time series and some sensors hidden
-        (through the masks, so they are ignored, not zero-filled)."""
+        (through the masks, so they are ignored, not zero-filled); every sample keeps one
+        sensor and every kept time series one date."""
         names = layout.sensors
         b = batch[names[0]].shape[0]
         dropped = torch.rand(b, len(names), generator=generator) < self.config.modality_drop
@@ -112,7 +123,9 @@ class JEPA(nn.Module):
             valid = AnySat._valid(batch, name)
             keep = ~dropped[:, i].to(valid.device)[:, None, None, None]
             if self.encoder.modalities[name].time_series:
-                dates = torch.rand(valid.shape[:2], generator=generator) >= self.config.date_drop
+                draw = torch.rand(valid.shape[:2], generator=generator)
+                dates = draw >= self.config.date_drop
+                dates[torch.arange(len(draw)), draw.argmax(dim=1)] = True   # one date always stays
                 keep = keep & dates.to(valid.device)[:, :, None, None]
             out[f"{name}_mask"] = valid & keep
         return out
@@ -131,7 +144,9 @@ class JEPA(nn.Module):
             masks = self.config.masks(b, layout.grid, generator)
         context_idx, target_idx = (m.to(device) for m in masks)
         with torch.no_grad():
-            _, _, _, full, _ = self.target.forward_features(batch, patch_size_m)
+            _, _, full_tile, full, _ = self.target.forward_features(batch, patch_size_m)
+            if self.training:
+                self.target.update_output_statistics(full_tile, full, self.config.statistics_momentum)
             full = normalise_targets(full, self.config.target_norm)
             rows = torch.arange(b, device=device)[:, None]
             targets = full[rows, target_idx]
@@ -146,10 +161,13 @@ class JEPA(nn.Module):
         else:
             jepa = F.mse_loss(predicted, targets)
         out = {"jepa": jepa, "loss": jepa}
+        if self.config.decorrelation_weight > 0:
+            out["decorrelation"] = decorrelation(context.reshape(-1, context.shape[-1]))
+            out["loss"] = out["loss"] + self.config.decorrelation_weight * out["decorrelation"]
         if self.config.milnce_weight > 0 and len(sensors) > 1:
             valid = torch.stack([s.valid for s in sensors.values()], 1)
             out["milnce"] = milnce(per_sensor, valid, self.config.milnce_temperature)
-            out["loss"] = jepa + self.config.milnce_weight * out["milnce"]
+            out["loss"] = out["loss"] + self.config.milnce_weight * out["milnce"]
         flat = context.detach().reshape(-1, context.shape[-1]).float()
         out["embedding_std"] = embedding_std(flat)
         out["rankme"] = rankme(flat)
@@ -162,6 +180,17 @@ class JEPA(nn.Module):
         online = torch._foreach_mul(list(self.encoder.parameters()), 1 - tau)
         torch._foreach_mul_(target, tau)
         torch._foreach_add_(target, online)  # each product rounded first: no fused multiply-add
+
+
+def decorrelation(z: torch.Tensor) -> torch.Tensor:
+    """Mean squared off-diagonal correlation between the features of z [N, D] (0 when the
+    features vary independently, 1 when they all move together: dimensional collapse)."""
+    z = z.float()
+    z = (z - z.mean(0)) / (z.std(0) + 1e-4)
+    corr = z.T @ z / max(1, z.shape[0] - 1)
+    off = corr - torch.diag_embed(torch.diagonal(corr))
+    d = z.shape[1]
+    return (off ** 2).sum() / (d * (d - 1))
 
 
 def milnce(tokens: torch.Tensor, valid: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -36,6 +36,7 @@ def effective_rank(z: torch.Tensor) -> float:
 @torch.no_grad()
 def collapse_monitors(model: AnySat, batch: dict[str, torch.Tensor], patch_size_m: float
                       ) -> dict[str, float]:
-    """The three monitors on the patch embeddings of a fixed probe batch."""
-    z = model(batch, patch_size_m, output="patch").flatten(0, 2)
+    """The three monitors on the patch embeddings of a fixed probe batch, before the output
+    standardisation (which would blow a collapsed encoder's tiny differences back up)."""
+    z = model.forward_features(batch, patch_size_m)[3].flatten(0, 1)
     return {"std": embedding_std(z), "rankme": rankme(z), "effective_rank": effective_rank(z)}

@@ -92,7 +92,7 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int,
 
 
 def pretrain(model: AnySat, sampler, steps: int, patch_sizes_m: list[float],
-             batch_size: int = 8, lr: float = 5e-4, weight_decay: float = 0.04,
+             batch_size: int = 8, lr: float = 3e-4, weight_decay: float = 0.04,
              config: JEPAConfig | None = None, seed: int = 0, log_every: int = 50,
              warmup_steps: int | None = None, monitor: Callable[[AnySat], dict] | None = None,
              monitor_every: int = 50) -> tuple[JEPA, list[dict]]:

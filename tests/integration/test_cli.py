@@ -13,6 +13,8 @@ import rioxarray  # noqa: F401 - .rio accessor
 import pytest
 import xarray as xr
 
+from anysat import load_model
+from anysat.evaluate.position import position_omega2
 from tests.conftest import DEMO_BBOX, SMALL_BBOX
 
 pytestmark = pytest.mark.integration
@@ -34,7 +36,8 @@ def test_embed_small_region_writes_layer_preview_and_manifest(tmp_path):
     assert printed["layer"] == manifest["layer"] and manifest["tiles"] == 1
     layer = xr.open_zarr(manifest["layer"], consolidated=False, decode_coords="all")
     emb = layer.embedding.values
-    assert emb.shape == (30, 30, 256) and np.isfinite(emb).all()      # central tile: all data
+    dim = load_model("demo").config.dim                                 # the shipped checkpoint
+    assert emb.shape == (30, 30, dim) and np.isfinite(emb).all()      # central tile: all data
     assert layer.rio.crs.to_epsg() == 32631 and layer.rio.resolution() == (20.0, -20.0)
     assert (tmp_path / "preview" / "EPSG32631_pca.png").stat().st_size > 1000
     assert "tiles" in result.stderr and "km2" in result.stderr      # progress in domain terms
@@ -84,3 +87,5 @@ def test_killed_run_leaves_nothing_looking_complete_and_resumes(tmp_path):
     b = xr.open_zarr(json.loads((tmp_path / "fresh" / "run.json").read_text())["layer"], consolidated=False)
     np.testing.assert_allclose(a.embedding.values, b.embedding.values, rtol=1e-5, atol=1e-5)
     assert np.isfinite(a.embedding.values).all(axis=-1).sum() == 34 * 34   # 1 km2 at 30 m patches
+    # the shipped checkpoint's layer is about the land, not the patch's place in its tile
+    assert position_omega2(b.embedding.values, tile_px=20) < 0.15

