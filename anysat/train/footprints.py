@@ -19,6 +19,7 @@ import numpy as np
 import rasterio
 import torch
 from odc.geo.geobox import GeoBox
+from pyproj import Transformer
 
 from ..cube import load_cube, read_cube
 from ..modalities import ModalitySpec
@@ -50,9 +51,8 @@ def demo_footprint(specs: list[ModalitySpec]) -> Footprint:
     """Every sensor of `specs` the demo catalog has, over DEMO_BOUNDS."""
     provider = resolve_provider("demo")
     x0, y0, x1, y1 = DEMO_BOUNDS
-    from pyproj import Transformer
-    lon0, lat0, lon1, lat1 = Transformer.from_crs(32631, 4326, always_xy=True).transform_bounds(*DEMO_BOUNDS)
-    found = search_sensors(provider, specs, (lon0, lat0, lon1, lat1), *DEMO_DATES)
+    lonlat = Transformer.from_crs(32631, 4326, always_xy=True).transform_bounds(*DEMO_BOUNDS)
+    found = search_sensors(provider, specs, lonlat, *DEMO_DATES)
     batch, gsd = {}, {}
     for spec in specs:
         if not found[spec.name]:

@@ -1,12 +1,13 @@
 """Joint-embedding predictive pretraining (JEPA) of the AnySat encoder.
 
 A context encoder sees one large block of the patches with the target blocks removed (and
-some dates and sensors hidden); a narrow predictor, given the context tokens and the
-positions of the target patches as mask tokens, regresses the embeddings an EMA copy of the
-encoder (the target) gives those patches from the full input, layer-normalised over the
-feature dimension as in I-JEPA and the official AnySat:
+many dates and sensors hidden); a narrow predictor, given the context's tile and patch tokens
+and the positions of the target patches as mask tokens, regresses the embeddings an EMA copy
+of the encoder (the target) gives those patches from the full input, standardised per
+feature over the batch and layer-normalised over the features (`normalise_targets`):
 
-    L = mean_k d(g(z_ctx, m_k), sg[LN(f_target(x)_k)]),   theta_t <- tau theta_t + (1 - tau) theta
+    L = mean_k d(g(z_ctx, m_k), sg[N(f_target(x)_k)]) + w * decorrelation(z_ctx),
+    theta_t <- tau theta_t + (1 - tau) theta
 
 with d the smooth-L1 distance (the official choice) or the squared L2 distance, averaged
 over the feature dimension so that every patch size weighs the same.
