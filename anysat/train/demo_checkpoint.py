@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--decorrelation", type=float, default=JEPAConfig.decorrelation_weight)
+    parser.add_argument("--date-drop", type=float, default=JEPAConfig.date_drop)
+    parser.add_argument("--modality-drop", type=float, default=JEPAConfig.modality_drop)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16)")
     parser.add_argument("--device", default="cpu")
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     sampler = FootprintSampler(footprints, CHIP_SIZES_M, seed=args.seed)
     probe = FootprintSampler(footprints[:1], (120.0,), seed=args.seed + 99).sample(16)
 
-    jepa_config = JEPAConfig(decorrelation_weight=args.decorrelation)
+    jepa_config = JEPAConfig(decorrelation_weight=args.decorrelation, date_drop=args.date_drop,
+                             modality_drop=args.modality_drop)
     config = dataclasses.replace(AnySatConfig.from_size("tiny", specs), dim=args.dim,
                                  depth=args.depth)
     torch.manual_seed(args.seed)
