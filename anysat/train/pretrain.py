@@ -79,7 +79,8 @@ def sensors_for_patch(batch: dict[str, torch.Tensor], model: AnySat, patch_size_
             and is_multiple(patch_size_m, spec.subpatch_m)]
     if not keep:
         raise ModelInputError(f"no sensor of the batch fits a {patch_size_m:g} m patch")
-    return {k: v for k, v in batch.items() if k.split("_")[0] in keep}
+    return {k: v for k, v in batch.items()
+            if k.removesuffix("_dates").removesuffix("_mask") in keep}
 
 
 def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int,
