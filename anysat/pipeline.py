@@ -106,7 +106,7 @@ def plan_run(request: RegionRequest) -> RunPlan:
     return plan
 
 
-def _days_since_epoch(times: np.ndarray) -> torch.Tensor:
+def days_since_epoch(times: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(times.astype("datetime64[D]").astype("int64").astype("float32"))
 
 
@@ -130,7 +130,7 @@ def load_tile_batch(provider: Provider, specs: list[ModalitySpec], tile: Tile, s
         cube = read_cube(cube)
         pixels = torch.from_numpy(cube.values)[None]
         batch[spec.name] = pixels
-        batch[f"{spec.name}_dates"] = _days_since_epoch(cube.time.values)[None]
+        batch[f"{spec.name}_dates"] = days_since_epoch(cube.time.values)[None]
         batch[f"{spec.name}_mask"] = torch.isfinite(pixels).all(dim=2)
         dates[spec.name] = int(cube.sizes["time"])
     return batch, dates

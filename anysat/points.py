@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import storage
 from .errors import ModelInputError
-from .model import AnySat
+from .model import AnySat, load_model
+from .request import DEFAULT_MODEL
 
 DATES = "dates"
 
@@ -114,13 +116,11 @@ def embed_points(model: AnySat, series: PointSeries, batch_size: int = 256) -> n
     return np.concatenate(out) if out else np.zeros((0, model.config.dim), "float32")
 
 
-def embed_points_table(table_uri: str, out_uri: str, model: str | AnySat = "demo",
+def embed_points_table(table_uri: str, out_uri: str, model: str | AnySat = DEFAULT_MODEL,
                        batch_size: int = 256) -> int:
     """Read a points table (our layout, or WorldCereal extractions), embed every point and
     write its other columns plus an `embedding` list column (atomically); returns the count."""
-    from . import storage
-    from .evaluate.worldcereal import is_worldcereal_table, worldcereal_series
-    from .model import load_model
+    from .evaluate.worldcereal import is_worldcereal_table, worldcereal_series  # imports us
 
     net = load_model(model) if isinstance(model, str) else model
     try:

@@ -12,6 +12,7 @@ import torch
 from .. import storage
 from ..errors import AnySatError
 from ..model import AnySat, load_model
+from ..request import DEFAULT_MODEL
 from ..resources import catalogs_dir
 from .landcover import read_land_cover
 from .tasks import S2, crop_types, land_cover
@@ -19,7 +20,6 @@ from .worldcereal import read_worldcereal_points
 
 log = logging.getLogger("anysat")
 
-DEFAULT_CHECKPOINT = "demo"  # the checkpoint that ships (catalogs/checkpoints/demo)
 TASKS = ("crop-types", "land-cover")
 PRETRAINED, RANDOM = "pretrained", "random-init"
 
@@ -34,7 +34,7 @@ def random_twin(model: AnySat, seed: int = 0) -> AnySat:
     return AnySat(model.config).eval()
 
 
-def evaluate(checkpoint: str = DEFAULT_CHECKPOINT, output: str | None = "outputs",
+def evaluate(checkpoint: str = DEFAULT_MODEL, output: str | None = "outputs",
              tasks: tuple[str, ...] = TASKS, data: Path | None = None, max_points: int | None = None,
              seed: int = 0) -> list[dict]:
     """Rows (task, method, probe, split, balanced accuracy and macro F1 mean/std over folds,

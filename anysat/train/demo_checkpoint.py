@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 import time
 
 import torch
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         "recipe": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                    "seed": args.seed, "patch_sizes_m": PATCH_SIZES_M,
                    "chip_sizes_m": list(CHIP_SIZES_M), "jepa": dataclasses.asdict(jepa_config),
-                   "command": "python -m anysat.train.demo_checkpoint " + " ".join(argv or [])},
+                   "command": " ".join(["python -m anysat.train.demo_checkpoint",
+                                         *(sys.argv[1:] if argv is None else argv)])},
         "seconds": round(time.perf_counter() - started, 1),
         "curve": curve,
     }, dtype=torch.float32 if args.fp32 else torch.float16)

@@ -21,9 +21,9 @@ import torch
 from odc.geo.geobox import GeoBox
 from pyproj import Transformer
 
-from ..cube import load_cube, read_cube
 from ..modalities import ModalitySpec
-from ..stac import resolve_provider, search_sensors
+from ..pipeline import days_since_epoch, load_tile_batch
+from ..stac import resolve_provider
 from .pretrain import ChipSampler
 
 DEMO_BOUNDS = (664000.0, 5611130.0, 664990.0, 5612120.0)  # EPSG:32631, 990 m: 33 DEM pixels
@@ -42,29 +42,28 @@ class Footprint:
         return self.batch[name].shape[-1] * gsd
 
 
-def _days(dates) -> torch.Tensor:
-    return torch.tensor(np.asarray(dates, dtype="datetime64[D]").astype("int64"),
-                        dtype=torch.float32)
+@dataclass(frozen=True)
+class _Window:
+    """An area of a UTM zone off the tile grid, read the way `load_tile_batch` reads a tile."""
+
+    epsg: int
+    bounds: tuple[float, float, float, float]
+
+    @property
+    def bbox_lonlat(self) -> tuple[float, float, float, float]:
+        return Transformer.from_crs(self.epsg, 4326, always_xy=True).transform_bounds(*self.bounds)
+
+    def geobox(self, gsd_m: float) -> GeoBox:
+        return GeoBox.from_bbox(self.bounds, crs=f"EPSG:{self.epsg}", resolution=gsd_m)
 
 
 def demo_footprint(specs: list[ModalitySpec]) -> Footprint:
-    """Every sensor of `specs` the demo catalog has, over DEMO_BOUNDS."""
-    provider = resolve_provider("demo")
-    x0, y0, x1, y1 = DEMO_BOUNDS
-    lonlat = Transformer.from_crs(32631, 4326, always_xy=True).transform_bounds(*DEMO_BOUNDS)
-    found = search_sensors(provider, specs, lonlat, *DEMO_DATES)
-    batch, gsd = {}, {}
-    for spec in specs:
-        if not found[spec.name]:
-            continue
-        geobox = GeoBox.from_bbox((x0, y0, x1, y1), crs="EPSG:32631", resolution=spec.gsd_m)
-        cube = read_cube(load_cube(found[spec.name], spec, geobox, naming=provider.naming))
-        pixels = torch.from_numpy(cube.values)[None]
-        batch[spec.name] = torch.nan_to_num(pixels)
-        batch[f"{spec.name}_mask"] = torch.isfinite(pixels).all(dim=2)
-        batch[f"{spec.name}_dates"] = _days(cube.time.values)[None]
-        gsd[spec.name] = spec.gsd_m
-    return Footprint("demo", batch, gsd)
+    """Every sensor of `specs` the demo catalog has, over DEMO_BOUNDS (missing values 0,
+    their masks False)."""
+    batch, _ = load_tile_batch(resolve_provider("demo"), specs, _Window(32631, DEMO_BOUNDS),
+                               *DEMO_DATES)
+    gsd = {spec.name: spec.gsd_m for spec in specs if spec.name in batch}
+    return Footprint("demo", {k: torch.nan_to_num(v) for k, v in batch.items()}, gsd)
 
 
 def _read_band(path: Path, side_px: int) -> np.ndarray:
@@ -94,7 +93,7 @@ def bigearthnet_footprints(folder: Path, s2: ModalitySpec, s1: ModalitySpec) -> 
             valid = torch.isfinite(x).all(dim=2) & (x != 0).any(dim=2)
             batch[spec.name] = torch.nan_to_num(x)
             batch[f"{spec.name}_mask"] = valid
-            batch[f"{spec.name}_dates"] = _days([date])[None]
+            batch[f"{spec.name}_dates"] = days_since_epoch(np.array([date], "datetime64[D]"))[None]
         footprints.append(Footprint(f"bigearthnet/{s1_dir.name}", batch,
                                     {s2.name: s2.gsd_m, s1.name: s1.gsd_m}))
     return footprints

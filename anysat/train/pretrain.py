@@ -59,11 +59,13 @@ class ChipSampler:
         return {k: torch.stack(v) for k, v in out.items()}
 
 
-def patch_sizes_for_chip(batch: dict[str, torch.Tensor], model: AnySat,
-                         patch_sizes_m: list[float]) -> list[float]:
-    """The patch sizes that split the batch's chips into at least 2 x 2 whole patches."""
+def chip_side_m(batch: dict[str, torch.Tensor], model: AnySat) -> float:
     name = next(k for k in batch if k in model.modalities)
-    side_m = batch[name].shape[-1] * model.modalities[name].gsd_m
+    return batch[name].shape[-1] * model.modalities[name].gsd_m
+
+
+def patch_sizes_for_chip(side_m: float, patch_sizes_m: list[float]) -> list[float]:
+    """The patch sizes that split a chip side_m wide into at least 2 x 2 whole patches."""
     fits = [p for p in patch_sizes_m if side_m / p >= 2 and is_multiple(side_m, p)]
     if not fits:
         raise ModelInputError(f"no patch size of {patch_sizes_m} splits a {side_m:g} m chip "
@@ -113,11 +115,12 @@ def pretrain(model: AnySat, sampler, steps: int, patch_sizes_m: list[float],
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup)
         batch = sampler.sample(batch_size)
-        fits = patch_sizes_for_chip(batch, jepa.encoder, patch_sizes_m)
+        side_m = chip_side_m(batch, jepa.encoder)
+        fits = patch_sizes_for_chip(side_m, patch_sizes_m)
         patch = fits[int(torch.randint(len(fits), (1,), generator=generator))]
         batch = sensors_for_patch(batch, jepa.encoder, patch)
-        grid = jepa.encoder.check_batch(batch, patch).grid
-        masks = cfg.masks(batch_size, grid, generator)   # made by the loader, as in I-JEPA
+        # made by the loader, as in I-JEPA (the model checks the batch itself)
+        masks = cfg.masks(batch_size, round(side_m / patch), generator)
         out = jepa(batch, patch, generator, masks)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
