@@ -21,22 +21,17 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+def add_region_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where, when, which sensors, from which catalog: shared by `embed` and `ingest`."""
     parser.add_argument("--bbox", type=_floats, help="west,south,east,north in degrees")
     parser.add_argument("--geojson", help="path of a GeoJSON file with the region")
     parser.add_argument("--start", help="first date, YYYY-MM-DD")
     parser.add_argument("--end", help="last date (inclusive), YYYY-MM-DD")
     parser.add_argument("--sensors", default=",".join(DEFAULT_SENSORS),
                         help="comma-separated sensor names or aliases (s2, s1, dem)")
-    parser.add_argument("--patch-size-m", type=float, default=30.0)
-    parser.add_argument("--tile-size-m", type=float, default=600.0)
     parser.add_argument("--catalog", default="demo",
                         help="provider name (demo, planetary-computer, earth-search), STAC API "
                              "URL or static catalog.json")
-    parser.add_argument("--output", default="outputs", help="output URI: a path, s3://, gs://, ...")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="checkpoint path/URI, `demo` (the shipped checkpoint) or a size "
-                             "name for a random initialisation (tiny, small, base)")
     parser.add_argument("--tiles-per-batch", type=int, default=2)
     parser.add_argument("--max-cloud", type=float, help="scene cloud cover limit, percent")
     parser.add_argument("--time-bin", help="median per period: MS monthly, QS quarterly, 14D...")
@@ -45,7 +40,18 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the embedded demo region and dates where not given")
 
 
-def request_from_args(args: argparse.Namespace) -> RegionRequest:
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    add_region_arguments(parser)
+    parser.add_argument("--patch-size-m", type=float, default=30.0)
+    parser.add_argument("--tile-size-m", type=float, default=600.0)
+    parser.add_argument("--output", default="outputs", help="output URI: a path, s3://, gs://, ...")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="checkpoint path/URI, `demo` (the shipped checkpoint) or a size "
+                             "name for a random initialisation (tiny, small, base)")
+
+
+def region_fields(args: argparse.Namespace) -> dict:
+    """The region, dates, sensors and catalog options of a request, as RegionRequest fields."""
     geojson = None
     if args.geojson:
         try:
@@ -54,15 +60,83 @@ def request_from_args(args: argparse.Namespace) -> RegionRequest:
         except (OSError, json.JSONDecodeError) as exc:
             raise AnySatError(f"cannot read --geojson {args.geojson}: {exc}") from None
     bbox = args.bbox if args.bbox or geojson else (DEMO_BBOX if args.demo else None)
-    return RegionRequest.build(
+    return dict(
         bbox=bbox, geojson=geojson,
         start=args.start or (DEMO_DATES[0] if args.demo else None),
         end=args.end or (DEMO_DATES[1] if args.demo else None),
         sensors=tuple(s.strip() for s in args.sensors.split(",") if s.strip()),
-        patch_size_m=args.patch_size_m, tile_size_m=args.tile_size_m, catalog=args.catalog,
-        output_uri=args.output, model=args.model, tiles_per_batch=args.tiles_per_batch,
-        max_cloud=args.max_cloud, time_bin=args.time_bin, cube_backend=args.cube_backend,
-    )
+        catalog=args.catalog, tiles_per_batch=args.tiles_per_batch, max_cloud=args.max_cloud,
+        time_bin=args.time_bin, cube_backend=args.cube_backend)
+
+
+def request_from_args(args: argparse.Namespace) -> RegionRequest:
+    return RegionRequest.build(**region_fields(args), patch_size_m=args.patch_size_m,
+                               tile_size_m=args.tile_size_m, output_uri=args.output,
+                               model=args.model)
+
+
+def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
+    add_region_arguments(parser)
+    parser.add_argument("--chip-size-m", type=float, default=240.0,
+                        help="chip side in metres (a multiple of every sensor's GSD); chips "
+                             "are the tiles of the fixed grid of this size")
+    parser.add_argument("--store", required=True, help="chip store URI: a path, s3://...")
+
+
+def ingest_request_from_args(args: argparse.Namespace) -> RegionRequest:
+    from .train.ingest import ingest_request
+
+    return ingest_request(args.chip_size_m, args.store, **region_fields(args))
+
+
+def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    from .train.trainer import TrainConfig as C
+
+    parser.add_argument("--chips", required=True, help="chip store URI(s), comma-separated")
+    parser.add_argument("--out", required=True, help="run URI: checkpoints, metrics, final model")
+    parser.add_argument("--model", default=C.model, choices=["tiny", "small", "base"])
+    parser.add_argument("--sensors", help="comma-separated; default: every sensor the chips hold")
+    parser.add_argument("--dim", type=int, help="encoder width (default: the size's)")
+    parser.add_argument("--depth", type=int, help="encoder blocks (default: the size's)")
+    parser.add_argument("--steps", type=int, default=C.steps)
+    parser.add_argument("--batch-size", type=int, default=C.batch_size, help="per process")
+    parser.add_argument("--accumulation", type=int, default=C.accumulation,
+                        help="micro-batches per optimizer step")
+    parser.add_argument("--lr", type=float, default=C.lr)
+    parser.add_argument("--warmup-steps", type=int)
+    parser.add_argument("--crop-sizes-m", type=_floats, default=C.crop_sizes_m)
+    parser.add_argument("--patch-sizes-m", type=_floats, default=C.patch_sizes_m)
+    parser.add_argument("--sensor-drop", type=float, default=C.sensor_drop)
+    parser.add_argument("--date-drop", type=float, default=C.date_drop)
+    parser.add_argument("--modality-drop", type=float, default=C.modality_drop)
+    parser.add_argument("--decorrelation", type=float, default=C.decorrelation)
+    parser.add_argument("--seed", type=int, default=C.seed)
+    parser.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every)
+    parser.add_argument("--log-every", type=int, default=C.log_every)
+    parser.add_argument("--workers", type=int, default=C.workers, help="loader processes per rank")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (torchrun when > 1)")
+    parser.add_argument("--threads", type=int, help="torch threads per process")
+    parser.add_argument("--device", default=C.device, help="auto, cpu, cuda")
+    parser.add_argument("--dtype", default=C.dtype, choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--save-dtype", default=C.save_dtype, choices=["float32", "float16"])
+    parser.add_argument("--json-progress", action="store_true",
+                        help="print one JSON line per log step (what the Prefect flow reads)")
+
+
+def train_config_from_args(args: argparse.Namespace, argv: list[str]) -> "TrainConfig":  # noqa: F821
+    from .train.trainer import TrainConfig
+
+    return TrainConfig(
+        chips=[c.strip() for c in args.chips.split(",") if c.strip()], out=args.out,
+        model=args.model, sensors=[s.strip() for s in args.sensors.split(",")] if args.sensors else None,
+        dim=args.dim, depth=args.depth, steps=args.steps, batch_size=args.batch_size,
+        accumulation=args.accumulation, lr=args.lr, warmup_steps=args.warmup_steps,
+        crop_sizes_m=tuple(args.crop_sizes_m), patch_sizes_m=tuple(args.patch_sizes_m),
+        sensor_drop=args.sensor_drop, date_drop=args.date_drop, modality_drop=args.modality_drop,
+        decorrelation=args.decorrelation, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every, workers=args.workers, device=args.device, dtype=args.dtype,
+        save_dtype=args.save_dtype, json_progress=args.json_progress,
+        provenance={"command": " ".join(["anysat pretrain", *argv])})
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +181,37 @@ def run_embed_points(args: argparse.Namespace) -> None:
     print(json.dumps({"points": n, "output": args.out}))
 
 
+def run_ingest(args: argparse.Namespace) -> None:
+    from .train.ingest import run_ingest
+
+    print(json.dumps(run_ingest(ingest_request_from_args(args)), indent=2))
+
+
+def run_pretrain(args: argparse.Namespace) -> None:
+    import os
+    import subprocess
+
+    import torch
+
+    from .train.trainer import prepare, torchrun_command, train
+
+    argv = args.argv
+    cfg = train_config_from_args(args, argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        prepare(cfg, args.nproc)  # bad input fails here, before any process starts
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+        code = subprocess.run(torchrun_command(argv, args.nproc), env=env).returncode
+        if code:
+            raise AnySatError(f"pretraining failed: torchrun exited with {code} (see the log "
+                              f"above); rerun the same command to resume from {cfg.out}")
+        return
+    summary = train(cfg)
+    if int(os.environ.get("RANK", 0)) == 0 and not cfg.json_progress:
+        print(json.dumps(summary, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="anysat", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -121,8 +226,22 @@ def main(argv: list[str] | None = None) -> int:
                                                       "into vectors")
     add_points_arguments(points)
     points.set_defaults(run=run_embed_points)
+    ingest = commands.add_parser("ingest", help="write training chips of a region and dates "
+                                                "to a chip store")
+    add_ingest_arguments(ingest)
+    ingest.set_defaults(run=run_ingest)
+    pretrain = commands.add_parser("pretrain", help="JEPA pretraining from chip stores "
+                                                    "(torchrun DDP with --nproc > 1), resumable")
+    add_pretrain_arguments(pretrain)
+    pretrain.set_defaults(run=run_pretrain)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args.argv = argv[1:]  # after the command name: what a torchrun child gets
+    import os
+
+    # torchrun children: rank 0 tells the story, the others only warn
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
     try:
         args.run(args)
     except AnySatError as exc:

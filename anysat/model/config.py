@@ -58,9 +58,9 @@ class AnySatConfig:
     def from_size(cls, size: str, specs: list[ModalitySpec], **overrides) -> AnySatConfig:
         if size not in SIZES:
             raise ValueError(f"unknown model size '{size}'; sizes: {', '.join(SIZES)}")
-        s = SIZES[size]
-        return cls(tuple(ModalityConfig.from_spec(sp) for sp in specs), s["dim"], s["depth"],
-                   s["heads"], size=size, **overrides)
+        s = {k: v for k, v in SIZES[size].items() if k != "predictor"}
+        return cls(tuple(ModalityConfig.from_spec(sp) for sp in specs),
+                   **{**s, "size": size, **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -2,35 +2,60 @@
 
 Layout under the store URI (any fsspec URI: a path, s3://, gs://...):
 
+    index.parquet               one row per complete chip: id, epsg, bounds, size, sensors,
+                                shapes [T, C, H, W] per sensor (a trainer reads only this)
     {tile_id}/                  attrs: tile, epsg, bounds, sensors, start, end, complete
       {sensor}/pixels           float32 [T, C, H, W], NaN where invalid; one shard, a chunk per date
       {sensor}/mask             bool    [T, H, W], True where the pixel-date is valid
       {sensor}/dates            int32   [T], days since 1970-01-01
 
-A chip is written whole, then marked `complete`; readers list only complete chips and a rerun
-rewrites an incomplete one, so a run that dies midway leaves nothing that looks finished.
+A chip is written whole, then marked `complete`; the index is rewritten (atomically) after a
+run of chips, from the chips it lists and those just written. Readers take only complete
+chips; a rerun rewrites an incomplete one, so a run that dies midway leaves nothing that looks
+finished, and a chip missing from the index is only one the next ingest adds.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import io
+import json
 import logging
+import warnings
 
 import numpy as np
+import pandas as pd
 import torch
 import zarr
 
 from .. import storage
+from ..errors import AnySatError
 from ..modalities import ModalitySpec
 from ..stac.providers import Provider
 from ..tiles import Tile
 
 log = logging.getLogger("anysat")
+INDEX = "index.parquet"
+COLUMNS = ["id", "epsg", "bounds", "size_m", "sensors", "shapes", "start", "end"]
+
+
+class ChipStoreError(AnySatError):
+    """A chip store is empty, has no index, or holds chips the model cannot train on."""
+
+
+def _record(group: zarr.Group) -> dict:
+    """The index row of a chip group."""
+    attrs = group.attrs
+    shapes = {name: list(group[name]["pixels"].shape) for name in attrs["sensors"]}
+    return {"id": attrs["tile"], "epsg": int(attrs["epsg"]), "bounds": list(attrs["bounds"]),
+            "size_m": float(attrs["size_m"]), "sensors": list(attrs["sensors"]),
+            "shapes": json.dumps(shapes), "start": attrs.get("start"), "end": attrs.get("end")}
 
 
 def write_chip(store_uri: str, tile: Tile, batch: dict[str, torch.Tensor], specs: list[ModalitySpec],
-               attrs: dict | None = None) -> str:
-    """Write one footprint batch (B = 1, as `pipeline.load_tile_batch` returns) as a chip."""
+               attrs: dict | None = None) -> dict:
+    """Write one footprint batch (B = 1, as `pipeline.load_tile_batch` returns) as a chip;
+    returns its index row."""
     names = [s.name for s in specs if s.name in batch]
     root = zarr.open_group(store_uri, mode="a", zarr_format=3)
     group = root.create_group(tile.id, overwrite=True)
@@ -50,22 +75,60 @@ def write_chip(store_uri: str, tile: Tile, batch: dict[str, torch.Tensor], specs
         sensor.create_array("dates", shape=(t,), dtype="int32", chunks=(t,))[...] = (
             batch[f"{spec.name}_dates"][0].numpy().astype("int32"))
     group.attrs["complete"] = True  # last: the chip is whole
-    return tile.id
+    return _record(group)
 
 
 def list_chips(store_uri: str) -> list[str]:
-    """Ids of the complete chips in a store (incomplete ones are skipped)."""
+    """Ids of the complete chips in a store, by listing it (incomplete ones are skipped).
+    Trainers read `read_index` instead: a listing of a million groups takes long."""
     if not storage.exists(storage.join(store_uri, "zarr.json")):
         return []
     root = zarr.open_group(store_uri, mode="r", zarr_format=3)
-    return sorted(name for name, g in root.groups() if g.attrs.get("complete"))
+    with warnings.catch_warnings():  # index.parquet beside the groups is ours, not Zarr's
+        warnings.filterwarnings("ignore", message=".*not recognized as a component")
+        return sorted(name for name, g in root.groups() if g.attrs.get("complete"))
+
+
+def chip_record(store_uri: str, tile_id: str) -> dict | None:
+    """The index row of a complete chip, None if the chip is absent or incomplete."""
+    try:
+        group = zarr.open_group(storage.join(store_uri, tile_id), mode="r", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    return _record(group) if group.attrs.get("complete") else None
+
+
+def read_index(store_uri: str) -> pd.DataFrame:
+    """The store's chip index (empty when the store has none)."""
+    uri = storage.join(storage.normalize_uri(store_uri), INDEX)
+    if not storage.exists(uri):
+        return pd.DataFrame(columns=COLUMNS)
+    return pd.read_parquet(io.BytesIO(storage.read_bytes(uri)))
+
+
+def write_index(store_uri: str, records: list[dict]) -> pd.DataFrame:
+    """Merge `records` into the store's index (a chip's newest row wins), written atomically."""
+    store_uri = storage.normalize_uri(store_uri)
+    old = read_index(store_uri)
+    new = pd.DataFrame(records, columns=COLUMNS)
+    index = (pd.concat([old, new], ignore_index=True) if len(old) else new)
+    index = index.drop_duplicates("id", keep="last").sort_values("id").reset_index(drop=True)
+    buffer = io.BytesIO()
+    index.to_parquet(buffer, index=False)
+    storage.write_bytes_atomic(storage.join(store_uri, INDEX), buffer.getvalue())
+    return index
+
+
+def rebuild_index(store_uri: str) -> pd.DataFrame:
+    """An index from a listing of the store (stores written before there was one)."""
+    return write_index(store_uri, [chip_record(store_uri, i) for i in list_chips(store_uri)])
 
 
 def read_chip(store_uri: str, tile_id: str) -> dict[str, torch.Tensor]:
-    """A chip as a model batch (B = 1): what `ChipSampler` and `pretrain` take."""
+    """A chip as a model batch (B = 1): pixels, `_mask` and `_dates` per sensor."""
     group = zarr.open_group(storage.join(store_uri, tile_id), mode="r", zarr_format=3)
     if not group.attrs.get("complete"):
-        raise FileNotFoundError(f"chip {tile_id} in {store_uri} is incomplete; rerun write_chips")
+        raise FileNotFoundError(f"chip {tile_id} in {store_uri} is incomplete; rerun the ingest")
     batch = {}
     for name in group.attrs["sensors"]:
         sensor = group[name]
@@ -75,27 +138,40 @@ def read_chip(store_uri: str, tile_id: str) -> dict[str, torch.Tensor]:
     return batch
 
 
-def write_chips(provider: Provider, specs: list[ModalitySpec], tiles: list[Tile], start: dt.date,
+def ingest_tile(provider: Provider, specs: list[ModalitySpec], tile: Tile, start: dt.date,
                 end: dt.date, store_uri: str, *, max_cloud: float | None = None,
-                time_bin: str | None = None) -> list[str]:
-    """Load and write the chips of `tiles`; complete chips already in the store are kept."""
+                time_bin: str | None = None, backend: str = "odc-stac") -> dict | None:
+    """Load and write one chip; a complete chip already in the store is kept (its row is
+    returned with `skipped`). None when no sensor has data over the tile."""
     from ..pipeline import load_tile_batch
 
+    done = chip_record(store_uri, tile.id)
+    if done is not None:
+        return {**done, "skipped": True}
+    batch, dates = load_tile_batch(provider, specs, tile, start, end, max_cloud=max_cloud,
+                                   time_bin=time_bin, backend=backend)
+    if not batch or not any(bool(batch[f"{s.name}_mask"].any()) for s in specs if s.name in batch):
+        log.info("tile %s: no sensor has valid pixels, no chip", tile.id)
+        return None
+    catalog = provider.name.split("?")[0]  # a URL's query may hold a token
+    record = write_chip(store_uri, tile, batch, specs, {"start": str(start), "end": str(end),
+                                                        "catalog": catalog})
+    log.info("chip %s: dates %s, %.3f km2", tile.id, dates, tile.area_km2)
+    return record
+
+
+def write_chips(provider: Provider, specs: list[ModalitySpec], tiles: list[Tile], start: dt.date,
+                end: dt.date, store_uri: str, **options) -> list[str]:
+    """Write the chips of `tiles` and update the index; returns the ids written now (complete
+    chips already in the store are kept)."""
     store_uri = storage.normalize_uri(store_uri)
-    done = set(list_chips(store_uri))
-    written = []
+    records, written = [], []
     for n, tile in enumerate(tiles, start=1):
-        if tile.id in done:
-            log.info("chip %s already complete (%d/%d)", tile.id, n, len(tiles))
-            continue
-        batch, dates = load_tile_batch(provider, specs, tile, start, end, max_cloud=max_cloud,
-                                       time_bin=time_bin)
-        if not batch:
-            log.info("tile %s: no sensor has data, no chip (%d/%d)", tile.id, n, len(tiles))
-            continue
-        catalog = provider.name.split("?")[0]  # a URL's query may hold a token
-        write_chip(store_uri, tile, batch, specs, {"start": str(start), "end": str(end),
-                                                   "catalog": catalog})
-        written.append(tile.id)
-        log.info("chip %s: dates %s, %.2f km2 (%d/%d)", tile.id, dates, tile.area_km2, n, len(tiles))
+        record = ingest_tile(provider, specs, tile, start, end, store_uri, **options)
+        if record is not None:
+            records.append(record)
+            if not record.pop("skipped", False):
+                written.append(tile.id)
+        log.info("progress: %d/%d chips, %.3f km2", n, len(tiles), n * tile.area_km2)
+    write_index(store_uri, records)
     return written

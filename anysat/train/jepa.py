@@ -27,7 +27,7 @@ from ..model import AnySat
 from ..model.anysat import POSITION_UNIT_M, Layout
 from ..model.config import SIZES
 from ..model.layers import Block, sincos_2d_m
-from .masks import MultiBlockMasks
+from .masks import MultiBlockMasks, context_validity
 from .monitors import embedding_std, rankme
 
 
@@ -111,33 +111,20 @@ class JEPA(nn.Module):
     # -- masks ---------------------------------------------------------------------------------
     def context_batch(self, batch: dict[str, torch.Tensor], layout: Layout,
                       generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-        """The batch the context sees: some dates of each time series and some sensors hidden
-        (through the masks, so they are ignored, not zero-filled); every sample keeps one
-        sensor and every kept time series one date."""
-        names = layout.sensors
-        b = batch[names[0]].shape[0]
-        dropped = torch.rand(b, len(names), generator=generator) < self.config.modality_drop
-        all_dropped = dropped.all(dim=1)                 # every sample keeps one sensor
-        dropped[all_dropped, torch.randint(len(names), (int(all_dropped.sum()),), generator=generator)] = False
-        out = dict(batch)
-        for i, name in enumerate(names):
-            valid = AnySat._valid(batch, name)
-            keep = ~dropped[:, i].to(valid.device)[:, None, None, None]
-            if self.encoder.modalities[name].time_series:
-                draw = torch.rand(valid.shape[:2], generator=generator)
-                dates = draw >= self.config.date_drop
-                dates[torch.arange(len(draw)), draw.argmax(dim=1)] = True   # one date always stays
-                keep = keep & dates.to(valid.device)[:, :, None, None]
-            out[f"{name}_mask"] = valid & keep
-        return out
+        """The batch the context sees (`context_validity`: some dates and sensors hidden)."""
+        series = {n: self.encoder.modalities[n].time_series for n in layout.sensors}
+        return {**batch, **context_validity(batch, series, self.config.date_drop,
+                                            self.config.modality_drop, generator)}
 
     # -- loss ----------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor], patch_size_m: float,
                 generator: torch.Generator | None = None,
-                masks: tuple[torch.Tensor, torch.Tensor] | None = None
+                masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+                context_valid: dict[str, torch.Tensor] | None = None
                 ) -> dict[str, torch.Tensor | float]:
         """Loss and collapse monitors for one batch. `masks` (context [B, Nc], targets
-        [B, Nt] patch indices) come from the data loader; drawn here when not given."""
+        [B, Nt] patch indices) and `context_valid` (the context's `{sensor}_mask`s, see
+        `context_validity`) come from the data loader; drawn here when not given."""
         layout = self.encoder.check_batch(batch, patch_size_m)
         b = batch[layout.sensors[0]].shape[0]
         device = batch[layout.sensors[0]].device
@@ -151,8 +138,10 @@ class JEPA(nn.Module):
             full = normalise_targets(full, self.config.target_norm)
             rows = torch.arange(b, device=device)[:, None]
             targets = full[rows, target_idx]
+        seen = ({**batch, **context_valid} if context_valid is not None
+                else self.context_batch(batch, layout, generator))
         _, sensors, tile, context, per_sensor = self.encoder.forward_features(
-            self.context_batch(batch, layout, generator), patch_size_m, patches=context_idx)
+            seen, patch_size_m, patches=context_idx)
         cx, cy = layout.centres_m(device)
         codes = sincos_2d_m(cx, cy, self.predictor.pred_dim, POSITION_UNIT_M)
         predicted = self.predictor(tile, context, codes[context_idx], codes[target_idx])

@@ -69,3 +69,29 @@ class MultiBlockMasks:
 
         return (torch.stack([keep(c, n_ctx) for c, _ in pairs]),
                 torch.stack([keep(t, n_tgt) for _, t in pairs]))
+
+
+def context_validity(batch: dict[str, torch.Tensor], time_series: dict[str, bool],
+                     date_drop: float, modality_drop: float,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """What the context may see, as `{sensor}_mask` entries: each sensor hidden with chance
+    `modality_drop` and a share `date_drop` of each time series' dates hidden (through the
+    masks, so they are ignored, not zero-filled). Every sample keeps one sensor and every
+    kept time series one date. `time_series` names the batch's sensors in a fixed order."""
+    names = list(time_series)
+    b = batch[names[0]].shape[0]
+    dropped = torch.rand(b, len(names), generator=generator) < modality_drop
+    all_dropped = dropped.all(dim=1)
+    dropped[all_dropped, torch.randint(len(names), (int(all_dropped.sum()),), generator=generator)] = False
+    out = {}
+    for i, name in enumerate(names):
+        mask = batch.get(f"{name}_mask")
+        valid = torch.isfinite(batch[name]).all(dim=2) if mask is None else mask.bool()
+        keep = ~dropped[:, i].to(valid.device)[:, None, None, None]
+        if time_series[name]:
+            draw = torch.rand(valid.shape[:2], generator=generator)
+            dates = draw >= date_drop
+            dates[torch.arange(len(draw)), draw.argmax(dim=1)] = True
+            keep = keep & dates.to(valid.device)[:, :, None, None]
+        out[f"{name}_mask"] = valid & keep
+    return out

@@ -1,0 +1,223 @@
+"""Streaming training batches from chip stores (local or object storage) for DDP pretraining.
+
+`ChipStream` is an `IterableDataset` of ready batches (use `DataLoader(batch_size=None)`).
+
+- **Shares.** Each epoch the chips of all stores are permuted (seeded by the epoch); rank r
+  of R takes every R-th chip, so ranks read disjoint chips. A bounded shuffle buffer of chip
+  ids mixes the rank's stream across epochs. Batch g of a rank is drawn from the buffer with
+  its own generator (seed, rank, g), and DataLoader worker w of W builds the batches
+  g = w, w + W, ...: workers read disjoint chips, and batch g is the same whatever W is.
+- **Resume.** Batch contents are a function of (seed, rank, g) and the chip ids: starting at
+  batch g replays the id buffer (no pixels read) up to g.
+- **Per batch**, as AnySat pretraining: one crop size (among `crop_sizes_m` that fit every
+  chip of the batch), one patch size (among those that split the crop into 2 x 2 patches or
+  more and hold some sensor), a sensor subset (each sensor dropped from the batch with chance
+  `sensor_drop`, one kept), then the JEPA masks (context/target patch indices) and the
+  context's date/sensor drops, made here as in I-JEPA's collator: the model only gathers.
+  Time series of different lengths are padded with masked dates; a chip without a sensor
+  of the batch has it all masked. Memory holds one batch of chips per worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from itertools import count
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .. import storage
+from ..model.config import ModalityConfig
+from ..request import is_multiple
+from .chips import ChipStoreError, read_chip, read_index
+from .masks import MultiBlockMasks, context_validity
+
+log = logging.getLogger("anysat")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    batch_size: int = 8
+    crop_sizes_m: tuple[float, ...] = (60.0, 120.0)
+    patch_sizes_m: tuple[float, ...] = (10.0, 20.0, 30.0, 60.0)
+    shuffle_buffer: int = 256
+    sensor_drop: float = 0.2
+    date_drop: float = 0.7          # the context's, as JEPAConfig
+    modality_drop: float = 0.7
+    masks: MultiBlockMasks = field(default_factory=MultiBlockMasks)
+    seed: int = 0
+
+
+def _generator(*key: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
+def common_step_m(gsds: list[float]) -> float:
+    """The least common multiple of GSDs in metres (10, 30 -> 30; 0.6, 10 -> 30)."""
+    fractions = [Fraction(str(g)).limit_denominator(1000) for g in gsds]
+    numerator = math.lcm(*(f.numerator for f in fractions))
+    denominator = math.gcd(*(f.denominator for f in fractions))
+    return float(Fraction(numerator, denominator))
+
+
+def chip_table(stores: list[str], modalities: dict[str, ModalityConfig]) -> pd.DataFrame:
+    """The index rows of every complete chip of the stores, checked against the model: one
+    clear error for an empty store, a sensor no chip has, or a chip whose shapes disagree."""
+    tables = []
+    for store in stores:
+        store = storage.normalize_uri(store)
+        index = read_index(store)
+        if not len(index):
+            hint = ("it has chips but no index.parquet: rerun `anysat ingest` or "
+                    "anysat.train.chips.rebuild_index" if storage.exists(storage.join(store, "zarr.json"))
+                    else "run `anysat ingest` to fill it")
+            raise ChipStoreError(f"chip store {store} has no complete chips ({hint})")
+        tables.append(index.assign(store=store))
+    table = pd.concat(tables, ignore_index=True)
+    present: set[str] = set()
+    for row in table.itertuples():
+        shapes = json.loads(row.shapes)
+        usable = [n for n in shapes if n in modalities]
+        if not usable:
+            raise ChipStoreError(f"chip {row.id} in {row.store} has sensors {list(shapes)}, none "
+                                 f"of the model's {list(modalities)}")
+        present.update(usable)
+        for name in usable:
+            t, c, h, w = shapes[name]
+            spec = modalities[name]
+            if c != len(spec.bands):
+                raise ChipStoreError(f"chip {row.id} in {row.store}: {name} has {c} bands, the "
+                                     f"model takes {len(spec.bands)} ({', '.join(spec.bands)})")
+            if not (math.isclose(h * spec.gsd_m, row.size_m) and math.isclose(w * spec.gsd_m, row.size_m)):
+                raise ChipStoreError(
+                    f"chip {row.id} in {row.store}: {name} is {h} x {w} px at {spec.gsd_m:g} m, "
+                    f"not the chip's {row.size_m:g} m footprint (shapes disagree: {shapes})")
+    missing = [n for n in modalities if n not in present]
+    if missing:
+        raise ChipStoreError(f"no chip in {stores} has sensor(s) {missing} the model is built "
+                             f"for; ingest them, or train a model without them (--sensors)")
+    return table
+
+
+class ChipStream(IterableDataset):
+    """Endless training batches for one DDP rank (see the module docstring)."""
+
+    def __init__(self, table: pd.DataFrame, modalities: dict[str, ModalityConfig],
+                 config: StreamConfig, rank: int = 0, world: int = 1, start: int = 0):
+        if len(table) < world:
+            raise ChipStoreError(f"{len(table)} chips cannot feed {world} ranks: ingest more "
+                                 "chips or train with fewer processes")
+        self.table = table.reset_index(drop=True)
+        self.modalities = modalities
+        self.config = config
+        self.rank, self.world, self.start = rank, world, start
+        for size in sorted(set(self.table.size_m)):
+            if not self._crop_sizes(size, list(modalities)):
+                raise ChipStoreError(f"no crop size of {list(config.crop_sizes_m)} m fits chips of "
+                                     f"{size:g} m with a patch size of {list(config.patch_sizes_m)}")
+
+    # -- which chips -----------------------------------------------------------------------------
+    def _chip_ids(self) -> Iterator[int]:
+        """This rank's chips (table rows), epoch after epoch."""
+        for epoch in count():
+            order = torch.randperm(len(self.table), generator=_generator(self.config.seed, 1, epoch))
+            yield from order[self.rank::self.world].tolist()
+
+    def plans(self) -> Iterator[tuple[int, list[int], torch.Generator]]:
+        """(g, chip rows, generator) for batch g = 0, 1, ... of this rank; only ids, no pixels."""
+        ids = self._chip_ids()
+        share = len(range(self.rank, len(self.table), self.world))
+        buffer = [next(ids) for _ in range(max(1, min(self.config.shuffle_buffer, share)))]
+        for g in count():
+            generator = _generator(self.config.seed, 2, self.rank, g)
+            rows = []
+            for _ in range(self.config.batch_size):
+                slot = int(torch.randint(len(buffer), (1,), generator=generator))
+                rows.append(buffer[slot])
+                buffer[slot] = next(ids)
+            yield g, rows, generator
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for g, rows, generator in self.plans():
+            if g >= self.start and (g - self.start) % workers == worker:
+                yield self.make_batch(g, rows, generator)
+
+    # -- one batch -------------------------------------------------------------------------------
+    def _crop_sizes(self, side_m: float, sensors: list[str]) -> list[float]:
+        step = common_step_m([self.modalities[n].gsd_m for n in sensors])
+        return [c for c in self.config.crop_sizes_m if c <= side_m + 1e-6 and is_multiple(c, step)
+                and self._patch_sizes(c, sensors)]
+
+    def _patch_sizes(self, crop_m: float, sensors: list[str]) -> list[float]:
+        return [p for p in self.config.patch_sizes_m if crop_m / p >= 2 and is_multiple(crop_m, p)
+                and any(is_multiple(p, self.modalities[n].subpatch_m) for n in sensors)]
+
+    def make_batch(self, g: int, rows: list[int], generator: torch.Generator) -> dict:
+        cfg = self.config
+        chips = [(self.table.id[r], read_chip(self.table.store[r], self.table.id[r])) for r in rows]
+        names = [n for n in self.modalities if any(n in chip for _, chip in chips)]
+        side = min(float(self.table.size_m[r]) for r in rows)
+        crops = self._crop_sizes(side, names)
+        crop = crops[int(torch.randint(len(crops), (1,), generator=generator))]
+        patches = self._patch_sizes(crop, names)
+        patch = patches[int(torch.randint(len(patches), (1,), generator=generator))]
+        names = [n for n in names if is_multiple(patch, self.modalities[n].subpatch_m)]
+        names = self._sensor_subset(names, chips, generator)
+        step = common_step_m([self.modalities[n].gsd_m for n in names])
+        batch: dict[str, list[torch.Tensor]] = {}
+        for r, (_, chip) in zip(rows, chips):
+            positions = int(round((float(self.table.size_m[r]) - crop) / step)) + 1
+            oy, ox = (torch.randint(positions, (2,), generator=generator) * step).tolist()
+            for name in names:
+                self._crop(batch, chip, name, oy, ox, crop)
+        out = {k: self._stack(k, v) for k, v in batch.items()}
+        grid = round(crop / patch)
+        context, targets = cfg.masks(len(rows), grid, generator)
+        series = {n: self.modalities[n].time_series for n in names}
+        context_valid = context_validity(out, series, cfg.date_drop, cfg.modality_drop, generator)
+        return {"batch": out, "patch_size_m": patch, "masks": (context, targets),
+                "context_valid": context_valid, "chips": [c for c, _ in chips], "index": g}
+
+    def _sensor_subset(self, names: list[str], chips: list, generator: torch.Generator) -> list[str]:
+        """Each sensor dropped with chance sensor_drop; every sample keeps a sensor it has."""
+        keep = [n for n in names if float(torch.rand(1, generator=generator)) >= self.config.sensor_drop]
+        if keep and all(any(n in chip for n in keep) for _, chip in chips):
+            return keep
+        return names
+
+    def _crop(self, batch: dict, chip: dict, name: str, oy: float, ox: float, crop: float) -> None:
+        gsd = self.modalities[name].gsd_m
+        y, x, px = round(oy / gsd), round(ox / gsd), round(crop / gsd)
+        if name in chip:
+            pixels = chip[name][0, :, :, y:y + px, x:x + px]
+            mask = chip[f"{name}_mask"][0, :, y:y + px, x:x + px]
+            dates = chip[f"{name}_dates"][0]
+        else:  # the chip lacks this sensor: one masked date
+            pixels = torch.zeros(1, len(self.modalities[name].bands), px, px)
+            mask = torch.zeros(1, px, px, dtype=torch.bool)
+            dates = torch.zeros(1)
+        batch.setdefault(name, []).append(torch.nan_to_num(pixels))
+        batch.setdefault(f"{name}_mask", []).append(mask)
+        batch.setdefault(f"{name}_dates", []).append(dates)
+
+    @staticmethod
+    def _stack(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Stack along a new batch axis, padding dates (masked) to the longest series."""
+        t = max(x.shape[0] for x in tensors)
+        padded = []
+        for x in tensors:
+            if x.shape[0] < t:
+                fill = x[-1:].expand(t - x.shape[0], *x.shape[1:]) if key.endswith("_dates") else \
+                    torch.zeros(t - x.shape[0], *x.shape[1:], dtype=x.dtype)
+                x = torch.cat([x, fill.to(x.dtype)])
+            padded.append(x)
+        return torch.stack(padded)
