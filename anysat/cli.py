@@ -123,7 +123,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON line per log step (what the Prefect flow reads)")
 
 
-def train_config_from_args(args: argparse.Namespace, argv: list[str]) -> "TrainConfig":  # noqa: F821
+def train_config_from_args(args: argparse.Namespace, argv: list[str]):
     from .train.trainer import TrainConfig
 
     return TrainConfig(

@@ -12,14 +12,10 @@ from shapely.geometry.base import BaseGeometry
 
 from .errors import RequestError
 from .modalities import ModalitySpec, resolve_sensors
+from .sizes import is_multiple
 
 DEFAULT_SENSORS = ("sentinel-2-l2a", "sentinel-1", "copernicus-dem")
 DEFAULT_MODEL = "demo"  # the pretrained checkpoint that ships (catalogs/checkpoints/demo)
-
-
-def is_multiple(value: float, step: float) -> bool:
-    ratio = value / step
-    return ratio >= 1 - 1e-9 and abs(ratio - round(ratio)) < 1e-6
 
 
 class RegionRequest(BaseModel):

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import rasterio
 
 from ..errors import AnySatError
 
@@ -39,6 +38,8 @@ class LandCoverScene:
 
 def read_land_cover(folder: str | Path, bands: list[str]) -> LandCoverScene:
     """The scene with the named bands (e.g. the S2 spec's B02..B12), dates in order."""
+    import rasterio  # here: the crop-type task alone runs where rasterio is not installed
+
     folder = Path(folder)
     scenes = sorted((m.group(1), p) for p in folder.glob("*.tif")
                     if (m := SCENE_PATTERN.search(p.name)))

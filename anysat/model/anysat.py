@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelInputError
+from ..sizes import is_multiple
 from .config import AnySatConfig, ModalityConfig
 from .layers import Block, FusionBlock, patch_centres_m, sincos_2d_m
 from .projectors import BlockProjector, TemporalProjector
@@ -19,12 +20,7 @@ POSITION_UNIT_M = 10.0
 # Patch positions enter the tokens at a tenth of the content's scale: at full scale (norm ~
 # sqrt(D/2), as large as a LayerNorm'd patch token) a patch's place in its tile explained
 # 72 % of the demo layer's variance (omega^2) at init; at 0.1 about none (see evaluate.position).
-POSITION_SCALE = float(__import__("os").environ.get("POS_SCALE", "0.1"))
-
-
-def _multiple(value: float, step: float) -> bool:
-    ratio = value / step
-    return ratio >= 1 - 1e-9 and abs(ratio - round(ratio)) < 1e-6
+POSITION_SCALE = 0.1
 
 
 @dataclass
@@ -120,7 +116,7 @@ class AnySat(nn.Module):
             if mask is not None and mask.shape != (*x.shape[:2], *x.shape[3:]):
                 raise ModelInputError(f"{name}: '{name}_mask' must have shape "
                                       f"{(*x.shape[:2], *x.shape[3:])}, got {tuple(mask.shape)}")
-            if not _multiple(patch_size_m, spec.subpatch_m):
+            if not is_multiple(patch_size_m, spec.subpatch_m):
                 what = "GSD" if spec.subpatch_px == 1 else f"{spec.subpatch_px}-pixel sub-patch"
                 raise ModelInputError(f"patch size {patch_size_m:g} m is not a multiple of "
                                       f"{name}'s {what} {spec.subpatch_m:g} m")
@@ -130,7 +126,7 @@ class AnySat(nn.Module):
         if len(set(sides.values())) != 1:
             raise ModelInputError(f"sensors cover different footprints (metres): {sides}")
         height_m, width_m = next(iter(sides.values()))
-        if height_m != width_m or not _multiple(height_m, patch_size_m):
+        if height_m != width_m or not is_multiple(height_m, patch_size_m):
             raise ModelInputError(
                 f"footprint {height_m:g} x {width_m:g} m is not a square multiple of the "
                 f"{patch_size_m:g} m patch size")

@@ -17,11 +17,11 @@ finished, and a chip missing from the index is only one the next ingest adds.
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import json
 import logging
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -30,9 +30,10 @@ import zarr
 
 from .. import storage
 from ..errors import AnySatError
-from ..modalities import ModalitySpec
-from ..stac.providers import Provider
-from ..tiles import Tile
+
+if TYPE_CHECKING:  # the store itself needs neither STAC nor the tile grid (GPU workers)
+    from ..modalities import ModalitySpec
+    from ..tiles import Tile
 
 log = logging.getLogger("anysat")
 INDEX = "index.parquet"
@@ -136,42 +137,3 @@ def read_chip(store_uri: str, tile_id: str) -> dict[str, torch.Tensor]:
         batch[f"{name}_mask"] = torch.from_numpy(sensor["mask"][...])[None]
         batch[f"{name}_dates"] = torch.from_numpy(sensor["dates"][...].astype("float32"))[None]
     return batch
-
-
-def ingest_tile(provider: Provider, specs: list[ModalitySpec], tile: Tile, start: dt.date,
-                end: dt.date, store_uri: str, *, max_cloud: float | None = None,
-                time_bin: str | None = None, backend: str = "odc-stac") -> dict | None:
-    """Load and write one chip; a complete chip already in the store is kept (its row is
-    returned with `skipped`). None when no sensor has data over the tile."""
-    from ..pipeline import load_tile_batch
-
-    done = chip_record(store_uri, tile.id)
-    if done is not None:
-        return {**done, "skipped": True}
-    batch, dates = load_tile_batch(provider, specs, tile, start, end, max_cloud=max_cloud,
-                                   time_bin=time_bin, backend=backend)
-    if not batch or not any(bool(batch[f"{s.name}_mask"].any()) for s in specs if s.name in batch):
-        log.info("tile %s: no sensor has valid pixels, no chip", tile.id)
-        return None
-    catalog = provider.name.split("?")[0]  # a URL's query may hold a token
-    record = write_chip(store_uri, tile, batch, specs, {"start": str(start), "end": str(end),
-                                                        "catalog": catalog})
-    log.info("chip %s: dates %s, %.3f km2", tile.id, dates, tile.area_km2)
-    return record
-
-
-def write_chips(provider: Provider, specs: list[ModalitySpec], tiles: list[Tile], start: dt.date,
-                end: dt.date, store_uri: str, **options) -> list[str]:
-    """Write the chips of `tiles` and update the index; returns the ids written now (complete
-    chips already in the store are kept)."""
-    store_uri = storage.normalize_uri(store_uri)
-    records, written = [], []
-    for n, tile in enumerate(tiles, start=1):
-        record = ingest_tile(provider, specs, tile, start, end, store_uri, **options)
-        if record is not None:
-            records.append(record)
-            if not record.pop("skipped", False):
-                written.append(tile.id)
-        log.info("progress: %d/%d chips, %.3f km2", n, len(tiles), n * tile.area_km2)
-    write_index(store_uri, records)
-    return written

@@ -8,6 +8,7 @@ change between runs and a rerun skips every complete chip.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ from ..errors import NoItemsError
 from ..request import RegionRequest
 from ..stac import resolve_provider, search_sensors
 from ..tiles import Tile, plan_tiles
-from .chips import ingest_tile, write_index
+from ..modalities import ModalitySpec
+from ..stac.providers import Provider
+from .chips import chip_record, write_chip, write_index
 
 log = logging.getLogger("anysat")
 
@@ -122,3 +125,42 @@ def run_ingest(request: RegionRequest) -> dict:
         log.info("progress: %d/%d tiles, %.2f/%.2f km2", done, len(plan.tiles),
                  done * request.tile_size_m ** 2 / 1e6, plan.area_km2)
     return finish_ingest(plan, rows, time.perf_counter() - started)
+
+
+def ingest_tile(provider: Provider, specs: list[ModalitySpec], tile: Tile, start: dt.date,
+                end: dt.date, store_uri: str, *, max_cloud: float | None = None,
+                time_bin: str | None = None, backend: str = "odc-stac") -> dict | None:
+    """Load and write one chip; a complete chip already in the store is kept (its row is
+    returned with `skipped`). None when no sensor has data over the tile."""
+    from ..pipeline import load_tile_batch
+
+    done = chip_record(store_uri, tile.id)
+    if done is not None:
+        return {**done, "skipped": True}
+    batch, dates = load_tile_batch(provider, specs, tile, start, end, max_cloud=max_cloud,
+                                   time_bin=time_bin, backend=backend)
+    if not batch or not any(bool(batch[f"{s.name}_mask"].any()) for s in specs if s.name in batch):
+        log.info("tile %s: no sensor has valid pixels, no chip", tile.id)
+        return None
+    catalog = provider.name.split("?")[0]  # a URL's query may hold a token
+    record = write_chip(store_uri, tile, batch, specs, {"start": str(start), "end": str(end),
+                                                        "catalog": catalog})
+    log.info("chip %s: dates %s, %.3f km2", tile.id, dates, tile.area_km2)
+    return record
+
+
+def write_chips(provider: Provider, specs: list[ModalitySpec], tiles: list[Tile], start: dt.date,
+                end: dt.date, store_uri: str, **options) -> list[str]:
+    """Write the chips of `tiles` and update the index; returns the ids written now (complete
+    chips already in the store are kept)."""
+    store_uri = storage.normalize_uri(store_uri)
+    records, written = [], []
+    for n, tile in enumerate(tiles, start=1):
+        record = ingest_tile(provider, specs, tile, start, end, store_uri, **options)
+        if record is not None:
+            records.append(record)
+            if not record.pop("skipped", False):
+                written.append(tile.id)
+        log.info("progress: %d/%d chips, %.3f km2", n, len(tiles), n * tile.area_km2)
+    write_index(store_uri, records)
+    return written

@@ -120,11 +120,12 @@ class JEPA(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], patch_size_m: float,
                 generator: torch.Generator | None = None,
                 masks: tuple[torch.Tensor, torch.Tensor] | None = None,
-                context_valid: dict[str, torch.Tensor] | None = None
+                context_valid: dict[str, torch.Tensor] | None = None, monitors: bool = True
                 ) -> dict[str, torch.Tensor | float]:
         """Loss and collapse monitors for one batch. `masks` (context [B, Nc], targets
         [B, Nt] patch indices) and `context_valid` (the context's `{sensor}_mask`s, see
-        `context_validity`) come from the data loader; drawn here when not given."""
+        `context_validity`) come from the data loader; drawn here when not given. `monitors`
+        adds the batch's collapse monitors (an SVD: a GPU sync, so not every step)."""
         layout = self.encoder.check_batch(batch, patch_size_m)
         b = batch[layout.sensors[0]].shape[0]
         device = batch[layout.sensors[0]].device
@@ -158,9 +159,10 @@ class JEPA(nn.Module):
             valid = torch.stack([s.valid for s in sensors.values()], 1)
             out["milnce"] = milnce(per_sensor, valid, self.config.milnce_temperature)
             out["loss"] = out["loss"] + self.config.milnce_weight * out["milnce"]
-        flat = context.detach().reshape(-1, context.shape[-1]).float()
-        out["embedding_std"] = embedding_std(flat)
-        out["rankme"] = rankme(flat)
+        if monitors:
+            flat = context.detach().reshape(-1, context.shape[-1]).float()
+            out["embedding_std"] = embedding_std(flat)
+            out["rankme"] = rankme(flat)
         return out
 
     @torch.no_grad()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelInputError
-from ..request import is_multiple
+from ..sizes import is_multiple
 from ..model import AnySat, save_checkpoint
 from .jepa import JEPA, JEPAConfig, ema_momentum
 

@@ -4,8 +4,8 @@
 
 - **Shares.** Each epoch the chips of all stores are permuted (seeded by the epoch); rank r
   of R takes every R-th chip, so ranks read disjoint chips. A bounded shuffle buffer of chip
-  ids mixes the rank's stream across epochs. Batch g of a rank is drawn from the buffer with
-  its own generator (seed, rank, g), and DataLoader worker w of W builds the batches
+  ids gives them out at random within the epoch. Batch g of a rank is drawn from the buffer
+  with its own generator (seed, rank, g), and DataLoader worker w of W builds the batches
   g = w, w + W, ...: workers read disjoint chips, and batch g is the same whatever W is.
 - **Resume.** Batch contents are a function of (seed, rank, g) and the chip ids: starting at
   batch g replays the id buffer (no pixels read) up to g.
@@ -25,7 +25,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from fractions import Fraction
+import itertools
 from itertools import count
 
 import numpy as np
@@ -35,7 +35,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .. import storage
 from ..model.config import ModalityConfig
-from ..request import is_multiple
+from ..sizes import common_step_m, is_multiple
 from .chips import ChipStoreError, read_chip, read_index
 from .masks import MultiBlockMasks, context_validity
 
@@ -57,14 +57,6 @@ class StreamConfig:
 
 def _generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
-
-
-def common_step_m(gsds: list[float]) -> float:
-    """The least common multiple of GSDs in metres (10, 30 -> 30; 0.6, 10 -> 30)."""
-    fractions = [Fraction(str(g)).limit_denominator(1000) for g in gsds]
-    numerator = math.lcm(*(f.numerator for f in fractions))
-    denominator = math.gcd(*(f.denominator for f in fractions))
-    return float(Fraction(numerator, denominator))
 
 
 def chip_table(stores: list[str], modalities: dict[str, ModalityConfig]) -> pd.DataFrame:
@@ -124,24 +116,30 @@ class ChipStream(IterableDataset):
                                      f"{size:g} m with a patch size of {list(config.patch_sizes_m)}")
 
     # -- which chips -----------------------------------------------------------------------------
-    def _chip_ids(self) -> Iterator[int]:
-        """This rank's chips (table rows), epoch after epoch."""
-        for epoch in count():
-            order = torch.randperm(len(self.table), generator=_generator(self.config.seed, 1, epoch))
-            yield from order[self.rank::self.world].tolist()
+    def _epoch_ids(self, epoch: int) -> list[int]:
+        """This rank's chips (table rows) in an epoch, in a seeded random order."""
+        order = torch.randperm(len(self.table), generator=_generator(self.config.seed, 1, epoch))
+        return order[self.rank::self.world].tolist()
 
     def plans(self) -> Iterator[tuple[int, list[int], torch.Generator]]:
-        """(g, chip rows, generator) for batch g = 0, 1, ... of this rank; only ids, no pixels."""
-        ids = self._chip_ids()
-        share = len(range(self.rank, len(self.table), self.world))
-        buffer = [next(ids) for _ in range(max(1, min(self.config.shuffle_buffer, share)))]
+        """(g, chip rows, generator) for batch g = 0, 1, ... of this rank; only ids, no pixels.
+        The buffer takes the epoch's chips in order and gives them out at random; it empties
+        before the next epoch begins, so each epoch every chip of the rank's share is drawn
+        exactly once and never by another rank."""
+        epoch, pending, buffer = 0, iter(self._epoch_ids(0)), []
+        capacity = max(1, self.config.shuffle_buffer)
         for g in count():
             generator = _generator(self.config.seed, 2, self.rank, g)
             rows = []
             for _ in range(self.config.batch_size):
+                buffer.extend(itertools.islice(pending, capacity - len(buffer)))
+                if not buffer:  # the epoch is spent: the next one
+                    epoch += 1
+                    pending = iter(self._epoch_ids(epoch))
+                    buffer.extend(itertools.islice(pending, capacity))
                 slot = int(torch.randint(len(buffer), (1,), generator=generator))
-                rows.append(buffer[slot])
-                buffer[slot] = next(ids)
+                buffer[slot], buffer[-1] = buffer[-1], buffer[slot]
+                rows.append(buffer.pop())
             yield g, rows, generator
 
     def __iter__(self) -> Iterator[dict]:

@@ -19,6 +19,7 @@ import inspect
 import json
 import logging
 import os
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -136,8 +137,9 @@ def prepare(cfg: TrainConfig, world: int) -> Prepared:
     checkpoint = load_latest(cfg.out)
     if checkpoint is not None:
         saved = checkpoint["state"]
-        if saved["model_config"] != model.config.to_dict():
-            diff = {k: (saved["model_config"].get(k), v) for k, v in model.config.to_dict().items()
+        config = json.loads(json.dumps(model.config.to_dict()))  # as state.json holds it
+        if saved["model_config"] != config:
+            diff = {k: (saved["model_config"].get(k), v) for k, v in config.items()
                     if saved["model_config"].get(k) != v}
             raise CheckpointError(
                 f"{checkpoint['folder']} was made by another model config (checkpoint vs this "
@@ -225,11 +227,13 @@ def train(cfg: TrainConfig) -> dict:
     batches = iter(loader)
     started = window_start = time.perf_counter()
     wait = 0.0
-    window_steps = 0
+    window_steps, window_loss = 0, torch.zeros((), device=device)
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg.steps, cfg.lr, warmup)
         chips = []
+        done = step + 1
+        logging_step = done % cfg.log_every == 0 or done == cfg.steps
         for micro in range(cfg.accumulation):
             waited = time.perf_counter()
             item = next(batches)
@@ -237,10 +241,11 @@ def train(cfg: TrainConfig) -> dict:
             chips += item["chips"]
             sync = (net.no_sync() if world > 1 and micro < cfg.accumulation - 1
                     else contextlib.nullcontext())
-            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = net(_to(item["batch"], device), item["patch_size_m"], None,
-                          tuple(m.to(device) for m in item["masks"]),
-                          _to(item["context_valid"], device))
+            with sync:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    out = net(_to(item["batch"], device), item["patch_size_m"], None,
+                              tuple(m.to(device) for m in item["masks"]),
+                              _to(item["context_valid"], device), logging_step)
                 (out["loss"] / cfg.accumulation).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -249,9 +254,9 @@ def train(cfg: TrainConfig) -> dict:
         if world > 1:
             _average_buffers(jepa.target, world)
         window_steps += 1
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            values = torch.tensor([float(out["loss"].detach()), float(out["jepa"].detach()), float(out["embedding_std"]),
+        window_loss += out["loss"].detach().float()  # no host sync until the log step
+        if logging_step:
+            values = torch.tensor([window_loss.item() / window_steps, float(out["embedding_std"]),
                                    float(out["rankme"]), wait], dtype=torch.float64)
             if world > 1:
                 dist.all_reduce(values)
@@ -259,12 +264,15 @@ def train(cfg: TrainConfig) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - window_start
-            record = {"step": done, "loss": round(values[0].item(), 5), "jepa": round(values[1].item(), 5),
-                      "embedding_std": round(values[2].item(), 5), "rankme": round(values[3].item(), 3),
+            # loss: the mean over the steps since the last log; monitors: of this step's batch
+            record = {"step": done, "loss": round(values[0].item(), 5),
+                      "embedding_std": round(values[1].item(), 5), "rankme": round(values[2].item(), 3),
                       "lr": optimizer.param_groups[0]["lr"], "patch_m": item["patch_size_m"],
                       "samples_per_s": round(window_steps * cfg.batch_size * cfg.accumulation * world / elapsed, 2),
-                      "loader_wait_share": round(values[4].item() / elapsed, 4),
-                      "seconds": round(time.perf_counter() - started, 2)}
+                      "loader_wait_share": round(values[3].item() / elapsed, 4),
+                      "seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": _peak_rss_mb()}
+            if device.type == "cuda":
+                record["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             rank_log.append({"step": done, "rank": rank, "chips": chips, "checksum": _checksum(jepa)})
             if rank == 0:
                 metrics.append(record)
@@ -275,6 +283,7 @@ def train(cfg: TrainConfig) -> dict:
                 if cfg.json_progress:
                     print(json.dumps({"event": "progress", **record}), flush=True)
             window_start, wait, window_steps = time.perf_counter(), 0.0, 0
+            window_loss.zero_()
         else:
             rank_log.append({"step": done, "rank": rank, "chips": chips})
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
@@ -301,6 +310,12 @@ def train(cfg: TrainConfig) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process, MB (loader workers count once they exit)."""
+    return round(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                     resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024, 1)
 
 
 def _recipe(cfg: TrainConfig) -> dict:

@@ -11,7 +11,8 @@ from anysat.modalities import available_specs
 from anysat.pipeline import load_tile_batch
 from anysat.stac import resolve_provider
 from anysat.tiles import Tile
-from anysat.train.chips import list_chips, read_chip, write_chip, write_chips
+from anysat.train.chips import list_chips, read_chip, write_chip
+from anysat.train.ingest import write_chips
 from anysat.train.pretrain import ChipSampler
 from tests.conftest import CENTRAL_TILE
 
