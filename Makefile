@@ -32,9 +32,20 @@ test: install
 evaluate: install
 	$(BIN)/anysat evaluate
 
-# Reproduces catalogs/checkpoints/demo (the checkpoint that ships) from the repository's data.
+# Reproduces catalogs/checkpoints/demo (the checkpoint that ships) from the repository's data,
+# through the real path: chips by `anysat ingest`, then `anysat pretrain` on 2 processes.
+# Interrupted, it resumes: run it again.
+PRETRAIN_DEMO := outputs/pretrain-demo
 pretrain-demo: install
-	$(BIN)/python -m anysat.train.demo_checkpoint --out catalogs/checkpoints/demo
+	$(BIN)/anysat ingest --demo --chip-size-m 240 --store $(PRETRAIN_DEMO)/chips/demo.zarr
+	$(BIN)/anysat ingest --catalog catalogs/pretrain/bigearthnet/catalog.json \
+	    --geojson catalogs/pretrain/bigearthnet/footprints.geojson --start 2017-06-01 \
+	    --end 2018-02-28 --sensors s2,s1 --chip-size-m 240 --store $(PRETRAIN_DEMO)/chips/bigearthnet.zarr
+	$(BIN)/anysat pretrain --chips $(PRETRAIN_DEMO)/chips/demo.zarr,$(PRETRAIN_DEMO)/chips/bigearthnet.zarr \
+	    --out $(PRETRAIN_DEMO)/run --nproc 2 --threads 1 --workers 1 --sensors s2,s1,dem \
+	    --model tiny --dim 192 --depth 2 --steps 1500 --batch-size 4 --lr 1e-4 --sensor-drop 0 \
+	    --log-every 50 --monitor-every 250 --checkpoint-every 250 --save-dtype float16
+	rm -rf catalogs/checkpoints/demo && cp -r $(PRETRAIN_DEMO)/run/model catalogs/checkpoints/demo
 
 clean-outputs:
 	rm -rf outputs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .errors import AnySatError
@@ -113,6 +114,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=C.seed)
     parser.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every)
     parser.add_argument("--log-every", type=int, default=C.log_every)
+    parser.add_argument("--monitor-every", type=int, default=C.monitor_every,
+                        help="collapse monitors on a fixed probe batch every N steps (0: off)")
     parser.add_argument("--workers", type=int, default=C.workers, help="loader processes per rank")
     parser.add_argument("--nproc", type=int, default=1, help="processes (torchrun when > 1)")
     parser.add_argument("--threads", type=int, help="torch threads per process")
@@ -134,9 +137,12 @@ def train_config_from_args(args: argparse.Namespace, argv: list[str]):
         crop_sizes_m=tuple(args.crop_sizes_m), patch_sizes_m=tuple(args.patch_sizes_m),
         sensor_drop=args.sensor_drop, date_drop=args.date_drop, modality_drop=args.modality_drop,
         decorrelation=args.decorrelation, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every, workers=args.workers, device=args.device, dtype=args.dtype,
+        log_every=args.log_every, monitor_every=args.monitor_every, workers=args.workers,
+        device=args.device, dtype=args.dtype,
         save_dtype=args.save_dtype, json_progress=args.json_progress,
-        provenance={"command": " ".join(["anysat pretrain", *argv])})
+        # under torchrun the parent's command line (with --nproc) is what reproduces the run
+        provenance={"command": os.environ.get("ANYSAT_PRETRAIN_COMMAND")
+                    or " ".join(["anysat pretrain", *argv])})
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -188,7 +194,6 @@ def run_ingest(args: argparse.Namespace) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> None:
-    import os
     import subprocess
 
     import torch
@@ -201,7 +206,8 @@ def run_pretrain(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         prepare(cfg, args.nproc)  # bad input fails here, before any process starts
-        env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}),
+               "ANYSAT_PRETRAIN_COMMAND": cfg.provenance["command"]}
         code = subprocess.run(torchrun_command(argv, args.nproc), env=env).returncode
         if code:
             raise AnySatError(f"pretraining failed: torchrun exited with {code} (see the log "
@@ -237,8 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.argv = argv[1:]  # after the command name: what a torchrun child gets
-    import os
-
     # torchrun children: rank 0 tells the story, the others only warn
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")

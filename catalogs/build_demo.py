@@ -54,19 +54,19 @@ def decode_backscatter(dn: np.ndarray) -> np.ndarray:
     return (10.0 ** (db / 10.0)).astype("float32")
 
 
-def write_cog(path: Path, array: np.ndarray, transform, nodata, dtype: str) -> None:
+def write_cog(path: Path, array: np.ndarray, transform, nodata, dtype: str, epsg: int = EPSG) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     profile = dict(
         driver="COG", width=array.shape[1], height=array.shape[0], count=1, dtype=dtype,
-        crs=f"EPSG:{EPSG}", transform=transform, nodata=nodata,
+        crs=f"EPSG:{epsg}", transform=transform, nodata=nodata,
         compress="DEFLATE", blocksize=128, overviews="NONE",
     )
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(array.astype(dtype), 1)
 
 
-def footprint(bounds: tuple[float, float, float, float]) -> tuple[list[float], dict]:
-    to_lonlat = Transformer.from_crs(EPSG, 4326, always_xy=True)
+def footprint(bounds: tuple[float, float, float, float], epsg: int = EPSG) -> tuple[list[float], dict]:
+    to_lonlat = Transformer.from_crs(epsg, 4326, always_xy=True)
     x0, y0, x1, y1 = bounds
     ring = [to_lonlat.transform(x, y) for x, y in [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]]
     lons, lats = zip(*ring)
@@ -83,10 +83,10 @@ def make_collection(cid: str, title: str, description: str, bbox, start, end) ->
     return collection
 
 
-def make_item(item_id, when, bbox, geometry, shape, transform, bounds) -> pystac.Item:
+def make_item(item_id, when, bbox, geometry, shape, transform, bounds, epsg: int = EPSG) -> pystac.Item:
     item = pystac.Item(item_id, geometry=geometry, bbox=bbox, datetime=when, properties={})
     proj = ProjectionExtension.ext(item, add_if_missing=True)
-    proj.code = f"EPSG:{EPSG}"
+    proj.code = f"EPSG:{epsg}"
     proj.shape = list(shape)
     proj.transform = [float(v) for v in list(transform)[:6]]
     proj.bbox = list(bounds)

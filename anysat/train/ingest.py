@@ -48,14 +48,17 @@ def ingest_request(chip_size_m: float, store_uri: str, **fields) -> RegionReques
 
 def chip_tiles(request: RegionRequest) -> list[Tile]:
     """The chip grid's tiles over the region; each feature of a GeoJSON FeatureCollection in
-    its own UTM zone (training regions are often scattered over a continent)."""
+    its own UTM zone (training regions are often scattered over a continent): the one its
+    `epsg` property names (e.g. the zone the data come in, so nothing is resampled), else the
+    zone of its centroid."""
     size = request.tile_size_m
     features = (request.geojson or {}).get("features") if request.geojson else None
     if not features:
         return plan_tiles(request.geometry, size)
     tiles: dict[str, Tile] = {}
     for feature in features:
-        for tile in plan_tiles(shape(feature["geometry"]), size):
+        epsg = (feature.get("properties") or {}).get("epsg")
+        for tile in plan_tiles(shape(feature["geometry"]), size, int(epsg) if epsg else None):
             tiles.setdefault(tile.id, tile)
     return list(tiles.values())
 

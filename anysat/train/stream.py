@@ -24,7 +24,9 @@ import json
 import logging
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+import dataclasses
 import itertools
 from itertools import count
 
@@ -40,6 +42,7 @@ from .chips import ChipStoreError, read_chip, read_index
 from .masks import MultiBlockMasks, context_validity
 
 log = logging.getLogger("anysat")
+READ_THREADS = 8  # chips of a batch read concurrently, per loader worker
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,21 @@ class ChipStream(IterableDataset):
                 rows.append(buffer.pop())
             yield g, rows, generator
 
+    def probe(self, samples: int = 16) -> dict:
+        """A fixed batch (the same for a seed, whatever the rank): what collapse monitors
+        follow during a run. Random crops of the largest crop size from up to `samples`
+        chips, every sensor, at the smallest patch size that holds them all."""
+        order = torch.randperm(len(self.table), generator=_generator(self.config.seed, 3)).tolist()
+        rows = [order[i % len(order)] for i in range(samples)]
+        names = list(self.modalities)
+        crop = max(self._crop_sizes(min(float(self.table.size_m[r]) for r in rows), names))
+        patches = self._patch_sizes(crop, names)
+        whole = [p for p in patches if all(is_multiple(p, self.modalities[n].subpatch_m) for n in names)]
+        config = dataclasses.replace(self.config, batch_size=samples, crop_sizes_m=(crop,),
+                                     patch_sizes_m=(min(whole or patches),), sensor_drop=0.0)
+        stream = ChipStream(self.table, self.modalities, config)
+        return stream.make_batch(-1, rows, _generator(self.config.seed, 4))
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -161,7 +179,10 @@ class ChipStream(IterableDataset):
 
     def make_batch(self, g: int, rows: list[int], generator: torch.Generator) -> dict:
         cfg = self.config
-        chips = [(self.table.id[r], read_chip(self.table.store[r], self.table.id[r])) for r in rows]
+        ids = [self.table.id[r] for r in rows]
+        # Object stores answer each request after a round trip: read the batch's chips at once.
+        with ThreadPoolExecutor(max_workers=min(len(rows), READ_THREADS)) as pool:
+            chips = list(zip(ids, pool.map(read_chip, [self.table.store[r] for r in rows], ids)))
         names = [n for n in self.modalities if any(n in chip for _, chip in chips)]
         side = min(float(self.table.size_m[r]) for r in rows)
         crops = self._crop_sizes(side, names)

@@ -37,6 +37,7 @@ from ..modalities import available_specs, resolve_sensors
 from .chips import ChipStoreError
 from .jepa import JEPA, JEPAConfig, ema_momentum
 from .masks import MultiBlockMasks
+from .monitors import collapse_monitors
 from .pretrain import learning_rate
 from .state import load_latest, restore, save_state
 from .stream import ChipStream, StreamConfig, chip_table
@@ -74,6 +75,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 10
+    monitor_every: int = 0                  # collapse monitors on a fixed probe batch (0: off)
     workers: int = 0                        # DataLoader worker processes per rank
     device: str = "auto"                    # auto: cuda when there is one
     dtype: str = "auto"                     # auto: bf16 autocast on cuda, fp32 on cpu
@@ -190,6 +192,11 @@ def train(cfg: TrainConfig) -> dict:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        # Batch shapes change every step (crop, patch size, context size): cuDNN's attention
+        # builds a plan per new shape on the CPU, 115 ms of a 330 ms step (base, batch 64,
+        # H100 profile); the flash and memory-efficient kernels need none.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     cfg.out = storage.normalize_uri(cfg.out)
     prepared = prepare(cfg, world)
     model, checkpoint = prepared.model, prepared.checkpoint
@@ -224,7 +231,10 @@ def train(cfg: TrainConfig) -> dict:
                  model.config.depth, list(model.modalities), len(prepared.table),
                  ", ".join(cfg.chips), start + 1, cfg.steps, world, cfg.batch_size,
                  cfg.accumulation, "bf16 autocast" if bf16 else "fp32", device)
+    probe = stream.probe() if cfg.monitor_every and rank == 0 else None  # on log steps
+    probed = False
     batches = iter(loader)
+    before = metrics[-1]["seconds"] if metrics else 0.0   # training time of earlier runs
     started = window_start = time.perf_counter()
     wait = 0.0
     window_steps, window_loss = 0, torch.zeros((), device=device)
@@ -270,16 +280,26 @@ def train(cfg: TrainConfig) -> dict:
                       "lr": optimizer.param_groups[0]["lr"], "patch_m": item["patch_size_m"],
                       "samples_per_s": round(window_steps * cfg.batch_size * cfg.accumulation * world / elapsed, 2),
                       "loader_wait_share": round(values[3].item() / elapsed, 4),
-                      "seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": _peak_rss_mb()}
+                      "seconds": round(before + time.perf_counter() - started, 2),
+                      "peak_rss_mb": _peak_rss_mb()}
             if device.type == "cuda":
                 record["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+            if probe is not None and (done % cfg.monitor_every == 0 or done == cfg.steps
+                                      or not probed):
+                probed = True
+                jepa.target.eval()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    record.update({f"probe_{k}": round(v, 5) for k, v in collapse_monitors(
+                        jepa.target, _to(probe["batch"], device), probe["patch_size_m"]).items()})
+                jepa.target.train()
             rank_log.append({"step": done, "rank": rank, "chips": chips, "checksum": _checksum(jepa)})
             if rank == 0:
                 metrics.append(record)
                 log.info("step %d/%d: loss %.4f, std %.4f, rankme %.1f, %.1f samples/s, loader "
-                         "wait %.0f %%, patch %g m", done, cfg.steps, record["loss"],
+                         "wait %.0f %%, patch %g m%s", done, cfg.steps, record["loss"],
                          record["embedding_std"], record["rankme"], record["samples_per_s"],
-                         100 * record["loader_wait_share"], record["patch_m"])
+                         100 * record["loader_wait_share"], record["patch_m"], "".join(
+                             f", {k} {v:.3g}" for k, v in record.items() if k.startswith("probe_")))
                 if cfg.json_progress:
                     print(json.dumps({"event": "progress", **record}), flush=True)
             window_start, wait, window_steps = time.perf_counter(), 0.0, 0
@@ -295,6 +315,7 @@ def train(cfg: TrainConfig) -> dict:
             if world > 1:
                 dist.barrier()
     summary = {"steps": cfg.steps, "world": world, "chips": len(prepared.table),
+               "seconds": metrics[-1]["seconds"] if metrics else None,
                "seconds_this_run": round(time.perf_counter() - started, 1),
                "final_loss": metrics[-1]["loss"] if metrics else None,
                "first_loss": metrics[0]["loss"] if metrics else None}

@@ -89,6 +89,17 @@ def test_two_ranks_stay_identical_read_disjoint_chips_and_learn(chips, tmp_path)
     assert provenance["world"] == 2 and provenance["command"].startswith("anysat pretrain")
 
 
+def test_gradient_accumulation_across_two_ranks(chips, tmp_path):
+    out = tmp_path / "run"
+    anysat("pretrain", "--chips", chips, "--out", str(out), "--nproc", "2", "--steps", "3",
+           "--accumulation", "2", "--log-every", "1", *SMALL)
+    logs = rank_logs(out)
+    assert [row["checksum"] for row in logs[0]] == [row["checksum"] for row in logs[1]]
+    assert all(len(row["chips"]) == 2 * 4 for rows in logs.values() for row in rows)  # 2 micro-batches
+    state = load_latest(str(out))["state"]
+    assert state["step"] == 3 and state["data"]["accumulation"] == 2
+
+
 def test_a_killed_run_resumes_to_the_same_weights(chips, tmp_path):
     args = ["--chips", chips, "--steps", "40", "--log-every", "5", "--checkpoint-every", "5",
             "--workers", "1", *SMALL]

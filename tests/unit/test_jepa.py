@@ -1,5 +1,6 @@
 import dataclasses
 import datetime as dt
+import json
 
 import pytest
 import torch
@@ -9,10 +10,13 @@ from anysat.model import AnySat, AnySatConfig, load_model
 from anysat.pipeline import load_tile_batch
 from anysat.stac import resolve_provider
 from anysat.tiles import Tile
-from anysat.train import (JEPA, JEPAConfig, MultiBlockMasks, collapse_monitors, effective_rank,
+from anysat.train import (JEPA, JEPAConfig, MultiBlockMasks, effective_rank,
                           ema_momentum, rankme)
 from anysat.train.jepa import milnce, normalise_targets
-from anysat.train.pretrain import ChipSampler, learning_rate, pretrain, save_pretrained
+from anysat.train.chips import write_chip, write_index
+from anysat.train.pretrain import ChipSampler, learning_rate
+from anysat.train.state import load_latest
+from anysat.train.trainer import TrainConfig, train
 from tests.conftest import CENTRAL_TILE
 
 SPECS = resolve_sensors(["s2", "s1", "dem"])
@@ -114,34 +118,34 @@ def test_context_batch_hides_dates_and_sensors_through_masks(sampler):
     assert s2.sum() < AnySat._valid(batch, "sentinel-2-l2a").sum()
 
 
-# Floors the collapse monitors of the test run must stay above (patch embeddings of a fixed
-# probe set of 8 demo chips, 64-d model). A collapsed run (the old random 50 % masks without
+# Floors the collapse monitors of the test run must stay above (patch embeddings of the
+# trainer's fixed probe batch, 64-d model). A collapsed run (the old random 50 % masks without
 # target normalisation) ended at std 0.0004 and RankMe 1.1.
 FLOORS = {"std": 0.005, "rankme": 3.0, "effective_rank": 4.0}
 
 
 def test_pretraining_learns_without_collapse(sampler, tmp_path):
-    probe = ChipSampler(sampler.footprint, sampler.gsd_m, chip_m=120, step_m=30, seed=99).sample(8)
-    jepa, history = pretrain(small_model(), sampler, steps=150, patch_sizes_m=[30, 60],
-                             batch_size=4, log_every=0, monitor_every=50,
-                             monitor=lambda m: collapse_monitors(m, probe, 30))
-    first = sum(h["jepa"] for h in history[:15]) / 15
-    last = sum(h["jepa"] for h in history[-15:]) / 15
+    """The training loop (`trainer.train`, one process) on the central demo tile as a chip."""
+    store = str(tmp_path / "chips.zarr")
+    write_index(store, [write_chip(store, Tile(*CENTRAL_TILE), sampler.footprint, SPECS)])
+    cfg = TrainConfig(chips=[store], out=str(tmp_path / "run"), dim=64, steps=150, batch_size=4,
+                      lr=3e-4, crop_sizes_m=(120.0,), patch_sizes_m=(30.0, 60.0), sensor_drop=0.0,
+                      log_every=10, monitor_every=50, checkpoint_every=150)
+    train(cfg)
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = sum(h["loss"] for h in history[:2]) / 2
+    last = sum(h["loss"] for h in history[-2:]) / 2
     assert last < 0.9 * first, (first, last)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     monitored = [h for h in history if "probe_rankme" in h]
-    assert [h["step"] for h in monitored] == [0, 50, 100, 149]
+    assert [h["step"] for h in monitored] == [10, 50, 100, 150]
     print({name: [round(h[f"probe_{name}"], 4) for h in monitored] for name in FLOORS})
     for name, floor in FLOORS.items():   # above the floor, and never below half the start
         values = [h[f"probe_{name}"] for h in monitored]
         assert min(values) > max(floor, 0.5 * values[0]), (name, values)
-    save_pretrained(jepa, str(tmp_path / "ckpt"), history, {"data": "demo"})
-    loaded = load_model(str(tmp_path / "ckpt"))
-    batch = sampler.sample(1)
-    with torch.inference_mode():
-        torch.testing.assert_close(loaded(batch, 30, "tile"), jepa.target(batch, 30, "tile"),
-                                   rtol=1e-5, atol=1e-5)
-    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in jepa.target.state_dict().items())
+    loaded = load_model(str(tmp_path / "run" / "model"))
+    final = load_latest(str(tmp_path / "run"))["target"]
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in final.items())
 
 
 def test_monitors_flag_a_collapsed_representation():
