@@ -20,15 +20,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import logging
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-import dataclasses
-import itertools
-from itertools import count
 
 import numpy as np
 import pandas as pd
@@ -131,7 +130,7 @@ class ChipStream(IterableDataset):
         exactly once and never by another rank."""
         epoch, pending, buffer = 0, iter(self._epoch_ids(0)), []
         capacity = max(1, self.config.shuffle_buffer)
-        for g in count():
+        for g in itertools.count():
             generator = _generator(self.config.seed, 2, self.rank, g)
             rows = []
             for _ in range(self.config.batch_size):

@@ -24,17 +24,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import pandas as pd
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .. import storage
-from ..errors import CheckpointError
+from ..errors import AnySatError, CheckpointError
 from ..model import AnySat, save_checkpoint
 from ..model.checkpoint import build_model
 from ..modalities import available_specs, resolve_sensors
-from .chips import ChipStoreError
+from .chips import read_index
 from .jepa import JEPA, JEPAConfig, ema_momentum
 from .masks import MultiBlockMasks
 from .monitors import collapse_monitors
@@ -104,7 +105,7 @@ class TrainConfig:
 @dataclass
 class Prepared:
     model: AnySat
-    table: object
+    table: pd.DataFrame
     checkpoint: dict | None
 
 
@@ -114,8 +115,6 @@ def _world() -> tuple[int, int, int]:
 
 
 def _sensors_of(stores: list[str]) -> list[str]:
-    from .chips import read_index
-
     present: set[str] = set()
     for store in stores:
         for shapes in read_index(store).shapes:
@@ -128,7 +127,7 @@ def prepare(cfg: TrainConfig, world: int) -> Prepared:
     writable, chips usable by the model, the newest checkpoint made by this same recipe."""
     storage.check_writable(cfg.out)
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.accumulation < 1:
-        raise ChipStoreError("steps, batch size and accumulation must be at least 1")
+        raise AnySatError("steps, batch size and accumulation must be at least 1")
     names = cfg.sensors or _sensors_of(cfg.chips)
     if not names:
         chip_table(cfg.chips, {})  # raises the empty-store error
