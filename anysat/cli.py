@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
@@ -51,15 +52,19 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
                              "name for a random initialisation (tiny, small, base)")
 
 
+def _read_geojson(path: str | None) -> dict | None:
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AnySatError(f"cannot read --geojson {path}: {exc}") from None
+
+
 def region_fields(args: argparse.Namespace) -> dict:
     """The region, dates, sensors and catalog options of a request, as RegionRequest fields."""
-    geojson = None
-    if args.geojson:
-        try:
-            with open(args.geojson) as f:
-                geojson = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise AnySatError(f"cannot read --geojson {args.geojson}: {exc}") from None
+    geojson = _read_geojson(args.geojson)
     bbox = args.bbox if args.bbox or geojson else (DEMO_BBOX if args.demo else None)
     return dict(
         bbox=bbox, geojson=geojson,
@@ -187,6 +192,42 @@ def run_embed_points(args: argparse.Namespace) -> None:
     print(json.dumps({"points": n, "output": args.out}))
 
 
+# End-to-end km2/s of `benchmarks/embed_region.py` (demo checkpoint, S2 + S1 + DEM, 30 m
+# patches) on a 2-core CPU: what `plan --estimate` assumes unless told otherwise.
+MEASURED_KM2_PER_S = 0.32  # 2026-11-26: 9 tiles of 600 m, 3.24 km2 in 10.3 s
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bbox", type=_floats, help="west,south,east,north in degrees "
+                                                     "(west > east: across the antimeridian)")
+    parser.add_argument("--geojson", help="path of a GeoJSON file with the region")
+    parser.add_argument("--tile-size-m", type=float, default=600.0)
+    parser.add_argument("--estimate", action="store_true",
+                        help="count tiles per UTM zone and estimate device-hours (no search)")
+    parser.add_argument("--km2-per-s", type=float, default=MEASURED_KM2_PER_S,
+                        help="throughput to estimate with (default: measured on a 2-core CPU)")
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    from .tiles import plan_zones
+
+    if not args.estimate:
+        raise AnySatError("only `anysat plan --estimate` exists yet: the saved run plan (items "
+                          "per tile, plan.json) is still to come; `anysat embed` plans its run itself")
+    today = dt.date.today().isoformat()  # the grid does not depend on dates
+    request = RegionRequest.build(bbox=args.bbox, geojson=_read_geojson(args.geojson), start=today,
+                                  end=today, tile_size_m=args.tile_size_m,
+                                  patch_size_m=args.tile_size_m)
+    zones = plan_zones(request.geometry, args.tile_size_m)
+    for zone in zones:
+        print(json.dumps({"zone": f"EPSG:{zone.epsg}", "tiles": len(zone),
+                          "area_km2": round(zone.area_km2, 1)}))
+    area = sum(z.area_km2 for z in zones)
+    print(json.dumps({"zones": len(zones), "tiles": sum(len(z) for z in zones),
+                      "area_km2": round(area, 1), "km2_per_s": args.km2_per_s,
+                      "device_hours": round(area / args.km2_per_s / 3600, 2)}))
+
+
 def run_ingest(args: argparse.Namespace) -> None:
     from .train.ingest import run_ingest
 
@@ -218,6 +259,20 @@ def run_pretrain(args: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=2))
 
 
+def attach_negative_values(argv: list[str]) -> list[str]:
+    """`--bbox -10,35,30,70` as `--bbox=-10,...`: argparse takes a value that starts with a
+    minus sign (any western bbox) for an option otherwise."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--bbox" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"--bbox={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="anysat", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -232,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                                                       "into vectors")
     add_points_arguments(points)
     points.set_defaults(run=run_embed_points)
+    plan = commands.add_parser("plan", help="tiles per UTM zone of a region (--estimate)")
+    add_plan_arguments(plan)
+    plan.set_defaults(run=run_plan)
     ingest = commands.add_parser("ingest", help="write training chips of a region and dates "
                                                 "to a chip store")
     add_ingest_arguments(ingest)
@@ -240,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     "(torchrun DDP with --nproc > 1), resumable")
     add_pretrain_arguments(pretrain)
     pretrain.set_defaults(run=run_pretrain)
-    argv = sys.argv[1:] if argv is None else argv
+    argv = attach_negative_values(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv[1:]  # after the command name: what a torchrun child gets
     # torchrun children: rank 0 tells the story, the others only warn

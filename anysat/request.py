@@ -6,7 +6,7 @@ import datetime as dt
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
-from shapely.geometry import box, shape
+from shapely.geometry import MultiPolygon, box, shape
 from shapely.errors import ShapelyError
 from shapely.geometry.base import BaseGeometry
 
@@ -44,10 +44,14 @@ class RegionRequest(BaseModel):
             raise ValueError("give exactly one of bbox or geojson")
         if self.bbox is not None:
             west, south, east, north = self.bbox
-            if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
+            # west > east is a box across the antimeridian (RFC 7946), if narrower than 180
+            # degrees: a wider one is more likely west and east swapped
+            width = east - west if west < east else east + 360 - west
+            if not (-180 <= west <= 180 and -180 <= east <= 180 and 0 < width
+                    and (west < east or width <= 180) and -90 <= south < north <= 90):
                 raise ValueError(
                     f"bbox {self.bbox} must be (west, south, east, north) in degrees with "
-                    "west < east and south < north"
+                    "west < east (or west > east across the antimeridian) and south < north"
                 )
         if self.start > self.end:
             raise ValueError(f"start {self.start} is after end {self.end}")
@@ -83,13 +87,21 @@ class RegionRequest(BaseModel):
             raise RequestError(f"invalid request: {problems}") from None
 
     @property
+    def crosses_antimeridian(self) -> bool:
+        return self.bbox is not None and self.bbox[0] > self.bbox[2]
+
+    @property
     def search_region(self) -> BaseGeometry | tuple[float, float, float, float]:
-        """What STAC searches get: the bbox as given, or the GeoJSON geometry."""
-        return self.bbox if self.bbox is not None else self.geometry
+        """What STAC searches get: the bbox as given, or the geometry (GeoJSON, or a bbox
+        across the antimeridian as its two halves)."""
+        return self.bbox if self.bbox is not None and not self.crosses_antimeridian else self.geometry
 
     @property
     def geometry(self) -> BaseGeometry:
         """Region in EPSG:4326."""
+        if self.crosses_antimeridian:
+            west, south, east, north = self.bbox
+            return MultiPolygon([box(west, south, 180, north), box(-180, south, east, north)])
         if self.bbox is not None:
             return box(*self.bbox)
         gj = self.geojson or {}

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
+import shapely
 from odc.geo.geobox import GeoBox
 from pyproj import Transformer
 from shapely.geometry import box
@@ -49,14 +51,73 @@ class Tile:
         return to_lonlat.transform_bounds(*self.bounds)
 
 
-def plan_tiles(region_lonlat: BaseGeometry, tile_size_m: float, epsg: int | None = None) -> list[Tile]:
-    """Tiles of the grid that intersect the region, row-major from the north-west."""
-    centroid = region_lonlat.centroid
-    epsg = epsg or utm_epsg(centroid.x, centroid.y)
+@dataclass(frozen=True)
+class ZoneTiles:
+    """The tiles of one UTM zone's grid that a region covers, as arrays (a continent's
+    millions of tiles never become a Python object each), row-major from the north-west."""
+
+    epsg: int
+    size_m: float
+    cols: np.ndarray
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.cols)
+
+    @property
+    def area_km2(self) -> float:
+        return len(self) * self.size_m ** 2 / 1e6
+
+    def tiles(self) -> list[Tile]:
+        return [Tile(self.epsg, int(c), int(r), self.size_m) for c, r in zip(self.cols, self.rows)]
+
+
+def utm_zones(region_lonlat: BaseGeometry) -> dict[int, BaseGeometry]:
+    """The region's part in each UTM zone it touches (6-degree strips, north and south of
+    the equator; the Norway/Svalbard exceptions are not applied), by EPSG code."""
+    west, south, east, north = region_lonlat.bounds
+    parts = {}
+    for zone in range(int((west + 180) // 6) + 1, min(int((east + 180) // 6) + 1, 60) + 1):
+        lon0 = -180 + 6 * (zone - 1)
+        for base, lat0, lat1 in ((32600, 0, 90), (32700, -90, 0)):
+            part = region_lonlat.intersection(box(lon0, lat0, lon0 + 6, lat1))
+            if not part.is_empty and part.area > 0:
+                parts[base + zone] = part
+    return parts
+
+
+def zone_tiles(region_lonlat: BaseGeometry, tile_size_m: float, epsg: int,
+               block_rows: int = 256) -> ZoneTiles:
+    """The tiles of zone `epsg`'s grid whose interior meets the region, found with vectorised
+    shapely over blocks of grid rows (memory bounded by one block)."""
     to_utm = Transformer.from_crs(4326, epsg, always_xy=True)
     region = shapely_transform(to_utm.transform, region_lonlat.segmentize(0.01))
+    shapely.prepare(region)
+    s = tile_size_m
     x0, y0, x1, y1 = region.bounds
-    cols = range(math.floor(x0 / tile_size_m), math.ceil(x1 / tile_size_m))
-    rows = range(math.ceil(y1 / tile_size_m) - 1, math.floor(y0 / tile_size_m) - 1, -1)
-    tiles = [Tile(epsg, c, r, tile_size_m) for r in rows for c in cols]
-    return [t for t in tiles if box(*t.bounds).intersection(region).area > 0]
+    cols = np.arange(math.floor(x0 / s), math.ceil(x1 / s))
+    all_rows = np.arange(math.ceil(y1 / s) - 1, math.floor(y0 / s) - 1, -1)
+    found_cols, found_rows = [], []
+    for start in range(0, len(all_rows), block_rows):
+        rr, cc = np.meshgrid(all_rows[start:start + block_rows], cols, indexing="ij")
+        boxes = shapely.box(cc * s, rr * s, (cc + 1) * s, (rr + 1) * s)
+        # touching at an edge or corner only is no overlap
+        hit = shapely.intersects(region, boxes) & ~shapely.touches(region, boxes)
+        found_cols.append(cc[hit])
+        found_rows.append(rr[hit])
+    return ZoneTiles(epsg, s, np.concatenate(found_cols) if found_cols else cols[:0],
+                     np.concatenate(found_rows) if found_rows else cols[:0])
+
+
+def plan_zones(region_lonlat: BaseGeometry, tile_size_m: float) -> list[ZoneTiles]:
+    """The region split per UTM zone, each part on its zone's tile grid: every place in
+    exactly one zone, tile ids stable between runs."""
+    return [zone_tiles(part, tile_size_m, epsg) for epsg, part in sorted(utm_zones(region_lonlat).items())]
+
+
+def plan_tiles(region_lonlat: BaseGeometry, tile_size_m: float, epsg: int | None = None) -> list[Tile]:
+    """Tiles of one zone's grid that intersect the region, row-major from the north-west
+    (the zone of the region's centroid unless `epsg` is given)."""
+    centroid = region_lonlat.centroid
+    epsg = epsg or utm_epsg(centroid.x, centroid.y)
+    return zone_tiles(region_lonlat, tile_size_m, epsg).tiles()

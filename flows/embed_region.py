@@ -23,7 +23,7 @@ from prefect.futures import as_completed  # noqa: E402
 from prefect_dask import DaskTaskRunner  # noqa: E402
 
 from anysat import pipeline  # noqa: E402
-from anysat.cli import add_request_arguments, request_from_args  # noqa: E402
+from anysat.cli import add_request_arguments, attach_negative_values, request_from_args  # noqa: E402
 from anysat.errors import AnySatError  # noqa: E402
 from anysat.request import DEFAULT_MODEL, DEFAULT_SENSORS, RegionRequest  # noqa: E402
 from anysat.tiles import Tile  # noqa: E402
@@ -89,7 +89,7 @@ def embed_region(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_request_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         request = request_from_args(args)
         manifest = embed_region(**request.model_dump(mode="json"))

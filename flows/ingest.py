@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
 from prefect_dask import DaskTaskRunner  # noqa: E402
 
-from anysat.cli import add_ingest_arguments, ingest_request_from_args  # noqa: E402
+from anysat.cli import add_ingest_arguments, attach_negative_values, ingest_request_from_args  # noqa: E402
 from anysat.errors import AnySatError  # noqa: E402
 from anysat.request import DEFAULT_SENSORS  # noqa: E402
 from anysat.tiles import Tile  # noqa: E402
@@ -86,7 +86,7 @@ def ingest(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_ingest_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         request = ingest_request_from_args(args)
         fields = request.model_dump(mode="json")

@@ -19,7 +19,7 @@ from .. import storage
 from ..errors import NoItemsError
 from ..request import RegionRequest
 from ..stac import resolve_provider, search_sensors
-from ..tiles import Tile, plan_tiles
+from ..tiles import Tile, plan_zones, zone_tiles
 from ..modalities import ModalitySpec
 from ..stac.providers import Provider
 from .chips import chip_record, write_chip, write_index
@@ -47,18 +47,18 @@ def ingest_request(chip_size_m: float, store_uri: str, **fields) -> RegionReques
 
 
 def chip_tiles(request: RegionRequest) -> list[Tile]:
-    """The chip grid's tiles over the region; each feature of a GeoJSON FeatureCollection in
-    its own UTM zone (training regions are often scattered over a continent): the one its
-    `epsg` property names (e.g. the zone the data come in, so nothing is resampled), else the
-    zone of its centroid."""
+    """The chip grid's tiles over the region, split per UTM zone (training regions are often
+    scattered over a continent). A GeoJSON feature with an `epsg` property is planned in
+    that zone only (e.g. the zone its data come in, so nothing is resampled)."""
     size = request.tile_size_m
     features = (request.geojson or {}).get("features") if request.geojson else None
-    if not features:
-        return plan_tiles(request.geometry, size)
+    zones = []
+    for geometry, epsg in ([(shape(f["geometry"]), (f.get("properties") or {}).get("epsg"))
+                            for f in features] if features else [(request.geometry, None)]):
+        zones += [zone_tiles(geometry, size, int(epsg))] if epsg else plan_zones(geometry, size)
     tiles: dict[str, Tile] = {}
-    for feature in features:
-        epsg = (feature.get("properties") or {}).get("epsg")
-        for tile in plan_tiles(shape(feature["geometry"]), size, int(epsg) if epsg else None):
+    for zone in zones:
+        for tile in zone.tiles():
             tiles.setdefault(tile.id, tile)
     return list(tiles.values())
 

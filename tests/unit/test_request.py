@@ -23,7 +23,7 @@ def test_start_after_end():
 
 @pytest.mark.parametrize("bbox", [(10, 50, 5, 51), (5, 95, 6, 96), (200, 0, 201, 1)])
 def test_bad_bbox(bbox):
-    with pytest.raises(RequestError, match="west < east and south < north"):
+    with pytest.raises(RequestError, match=r"west < east \(or west > east across the antimeridian\) and south < north"):
         build(bbox=bbox)
 
 

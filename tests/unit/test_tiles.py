@@ -1,6 +1,15 @@
-from shapely.geometry import box
+import json
+import math
+import resource
+import subprocess
+import sys
 
-from anysat.tiles import Tile, plan_tiles, utm_epsg
+from pyproj import Transformer
+from shapely.geometry import box
+from shapely.ops import transform as shapely_transform
+
+from anysat.request import RegionRequest
+from anysat.tiles import Tile, plan_tiles, plan_zones, utm_epsg
 from tests.conftest import DEMO_BBOX
 
 
@@ -26,3 +35,48 @@ def test_tile_geometry():
     assert tile.area_km2 == 0.36
     west, south, east, north = tile.bbox_lonlat
     assert 5.32 < west < east < 5.34 and 50.62 < south < north < 50.64
+
+
+def test_a_region_across_two_zones_is_split_with_every_tile_once():
+    region = box(5.9, 50.0, 6.1, 50.1)                       # 31N | 32N at 6 degrees east
+    zones = plan_zones(region, 600.0)
+    assert [z.epsg for z in zones] == [32631, 32632]
+    ids = [t.id for z in zones for t in z.tiles()]
+    assert len(ids) == len(set(ids)) and ids == [t.id for z in plan_zones(region, 600.0) for t in z.tiles()]
+    # each zone's tiles cover only its own strip: none reaches more than a tile past 6 degrees
+    for zone in zones:
+        to_lonlat = Transformer.from_crs(zone.epsg, 4326, always_xy=True)
+        for tile in zone.tiles():
+            west, _, east, _ = to_lonlat.transform_bounds(*tile.bounds)
+            assert (east <= 6.01) if zone.epsg == 32631 else (west >= 5.99)
+    # the vectorised plan of one zone equals the per-tile reference
+    strip = shapely_transform(Transformer.from_crs(4326, 32631, always_xy=True).transform,
+                              box(5.9, 50.0, 6.0, 50.1).segmentize(0.01))
+    x0, y0, x1, y1 = (v / 600 for v in strip.bounds)
+    reference = [Tile(32631, c, r, 600.0) for r in range(math.ceil(y1) - 1, math.floor(y0) - 1, -1)
+                 for c in range(math.floor(x0), math.ceil(x1))]
+    expected = [t.id for t in reference if box(*t.bounds).intersection(strip).area > 0]
+    assert [t.id for t in zones[0].tiles()] == expected
+
+
+def test_a_bbox_across_the_antimeridian():
+    request = RegionRequest.build(bbox=(179.9, -17.0, -179.9, -16.9), start="2021-01-01",
+                                  end="2021-01-31")
+    assert request.crosses_antimeridian and request.search_region == request.geometry
+    zones = plan_zones(request.geometry, 600.0)
+    assert [z.epsg for z in zones] == [32701, 32760]
+    assert 200 < sum(z.area_km2 for z in zones) < 260       # 0.2 x 0.1 degrees near 17 S
+
+
+def test_plan_estimate_for_europe_is_quick_and_small():
+    """Europe at 2,560 m: about 1.6 M tiles over 7 zones, without a Python object per tile."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    result = subprocess.run([sys.executable, "-m", "anysat.cli", "plan", "--estimate", "--bbox",
+                             "-10,35,30,70", "--tile-size-m", "2560"], capture_output=True, text=True,
+                            check=True)
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [z["zone"] for z in lines[:-1]] == [f"EPSG:326{n}" for n in range(29, 36)]
+    total = lines[-1]
+    assert total["zones"] == 7 and 1.5e6 < total["tiles"] < 1.7e6 and total["device_hours"] > 0
+    assert max(before / 1024, peak_mb) < 2048, peak_mb
