@@ -50,6 +50,9 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="checkpoint path/URI, `demo` (the shipped checkpoint) or a size "
                              "name for a random initialisation (tiny, small, base)")
+    parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
 
 
 def _read_geojson(path: str | None) -> dict | None:
@@ -78,7 +81,8 @@ def region_fields(args: argparse.Namespace) -> dict:
 def request_from_args(args: argparse.Namespace) -> RegionRequest:
     return RegionRequest.build(**region_fields(args), patch_size_m=args.patch_size_m,
                                tile_size_m=args.tile_size_m, output_uri=args.output,
-                               model=args.model)
+                               model=args.model, batch_size=args.batch_size, device=args.device,
+                               dtype=args.dtype)
 
 
 def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,8 @@ import datetime as dt
 import json
 import logging
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from . import storage
+from .batch import stack_samples
 from .cube import bin_time, load_cube, read_cube
 from .errors import CheckpointError, NoItemsError
 from .model import AnySat, load_model
@@ -64,7 +67,7 @@ class RunPlan:
 
 
 @lru_cache(maxsize=4)
-def get_model(name_or_uri: str, sensors: tuple[str, ...]) -> AnySat:
+def get_model(name_or_uri: str, sensors: tuple[str, ...], device: str = "cpu") -> AnySat:
     """The model for a run, loaded once per process (tasks in a worker reuse it)."""
     specs = resolve_sensors(list(sensors))
     model = load_model(name_or_uri, specs)
@@ -73,7 +76,7 @@ def get_model(name_or_uri: str, sensors: tuple[str, ...]) -> AnySat:
         raise CheckpointError(f"model {name_or_uri} was not built for sensor(s) {missing}; "
                               f"it takes {list(model.modalities)} (--model tiny builds a "
                               "randomly initialised model for any sensors)")
-    return model
+    return model.to(device)
 
 
 def plan_run(request: RegionRequest) -> RunPlan:
@@ -136,39 +139,84 @@ def load_tile_batch(provider: Provider, specs: list[ModalitySpec], tile: Tile, s
     return batch, dates
 
 
-def embed_tile(plan: RunPlan, tile: Tile) -> dict:
-    """Search, load, embed and write one tile, then mark it done. Skips a tile already done."""
-    marker = plan.marker_uri(tile)
-    if storage.exists(marker):
-        return {**json.loads(storage.read_bytes(marker)), "skipped": True}
-    started = time.perf_counter()
+def embed_tiles(plan: RunPlan, tiles: list[Tile]) -> list[dict]:
+    """Search, load, embed and write tiles, each then marked done (tiles already done are
+    skipped). `batch_size` tiles go through one forward; the next tiles' reads run on threads
+    meanwhile, at most two batches ahead."""
     request = plan.request
-    model = get_model(request.model, request.sensors)
-    batch, dates = load_tile_batch(resolve_provider(request.catalog), request.modality_specs(),
-                                   tile, request.start, request.end, max_cloud=request.max_cloud,
-                                   time_bin=request.time_bin, backend=request.cube_backend)
+    results = []
+    todo = []
+    for tile in tiles:
+        marker = plan.marker_uri(tile)
+        if storage.exists(marker):
+            results.append({**json.loads(storage.read_bytes(marker)), "skipped": True})
+        else:
+            todo.append(tile)
+    if not todo:
+        return results
+    model = get_model(request.model, request.sensors, request.device)
+    provider, specs = resolve_provider(request.catalog), request.modality_specs()
+
+    def load(tile: Tile) -> tuple[Tile, dict, dict, float]:
+        started = time.perf_counter()
+        batch, dates = load_tile_batch(provider, specs, tile, request.start, request.end,
+                                       max_cloud=request.max_cloud, time_bin=request.time_bin,
+                                       backend=request.cube_backend)
+        return tile, batch, dates, time.perf_counter() - started
+
+    n = request.batch_size
+    with ThreadPoolExecutor(max_workers=min(len(todo), 2 * n)) as pool:
+        pending = deque(pool.submit(load, tile) for tile in todo[:2 * n])
+        queued = todo[2 * n:]
+        while pending:
+            group = [pending.popleft().result() for _ in range(min(n, len(pending)))]
+            pending.extend(pool.submit(load, tile) for tile in queued[:len(group)])
+            queued = queued[len(group):]
+            results += _embed_group(plan, model, group)
+    return results
+
+
+def _embed_group(plan: RunPlan, model: AnySat, group: list[tuple[Tile, dict, dict, float]]) -> list[dict]:
+    """One forward per set of sensors present among the group's tiles; write and mark each."""
+    request = plan.request
+    by_sensors: dict[frozenset, list] = {}
+    for item in group:
+        by_sensors.setdefault(frozenset(item[1]), []).append(item)
+    results = []
+    for keys, items in by_sensors.items():
+        started = time.perf_counter()
+        patches = valid = None
+        if keys:
+            device = next(model.parameters()).device
+            batch = {k: v.to(device) for k, v in stack_samples([b for _, b, _, _ in items]).items()}
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(request.dtype)
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype,
+                                                        enabled=dtype is not None):
+                patches = model(batch, request.patch_size_m, output="patch").float().cpu().numpy()
+                valid = model.patch_validity(batch, request.patch_size_m).cpu().numpy()
+        forward_s = (time.perf_counter() - started) / len(items)
+        for i, (tile, _, dates, read_s) in enumerate(items):
+            results.append(_write_tile(plan, tile, None if patches is None else patches[i],
+                                       None if valid is None else valid[i], dates,
+                                       read_s + forward_s))
+    return results
+
+
+def _write_tile(plan: RunPlan, tile: Tile, patches: np.ndarray | None, valid: np.ndarray | None,
+                dates: dict, seconds: float) -> dict:
+    """Write a tile's patches (NaN where no sensor had data), then its done-marker."""
     valid_patches = 0
-    if batch:
-        device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.inference_mode():
-            patches = model(batch, request.patch_size_m, output="patch")[0].float().cpu().numpy()
-            valid = model.patch_validity(batch, request.patch_size_m)[0].cpu().numpy()
+    if patches is not None:
         patches[~valid] = np.nan
         valid_patches = int(valid.sum())
         if valid_patches:
             write_tile(plan.layer_uri, plan.grid, tile, patches)
     result = {"tile": tile.id, "valid_patches": valid_patches, "patches": plan.grid.tile_px**2,
-              "dates": dates, "area_km2": tile.area_km2,
-              "seconds": round(time.perf_counter() - started, 3)}
-    storage.write_bytes_atomic(marker, json.dumps(result).encode())
+              "dates": dates, "area_km2": tile.area_km2, "seconds": round(seconds, 3)}
+    storage.write_bytes_atomic(plan.marker_uri(tile), json.dumps(result).encode())
     log.info("tile %s: %d/%d patches with data, dates %s, %.2f km2, %.1f s", tile.id,
              valid_patches, result["patches"], dates, tile.area_km2, result["seconds"])
     return result
-
-
-def embed_tiles(plan: RunPlan, tiles: list[Tile]) -> list[dict]:
-    return [embed_tile(plan, tile) for tile in tiles]
 
 
 def tile_batches(plan: RunPlan) -> list[list[Tile]]:

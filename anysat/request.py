@@ -33,7 +33,10 @@ class RegionRequest(BaseModel):
     catalog: str = "demo"
     output_uri: str = "outputs"
     model: str = DEFAULT_MODEL
-    tiles_per_batch: int = Field(default=2, ge=1)
+    tiles_per_batch: int = Field(default=2, ge=1)   # tiles per task (a Prefect task run)
+    batch_size: int = Field(default=4, ge=1)        # tiles per forward of the model
+    device: str = "cpu"                             # cpu, cuda, cuda:1, ...
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype of the forward
     max_cloud: float | None = Field(default=None, ge=0, le=100)  # scene cloud cover, %
     time_bin: str | None = None  # median per period, a pandas offset alias ("MS" = monthly)
     cube_backend: Literal["odc-stac", "stackstac"] = "odc-stac"
@@ -70,6 +73,16 @@ class RegionRequest(BaseModel):
             except ValueError:
                 raise ValueError(f"time_bin {self.time_bin!r} is not a pandas offset alias "
                                  "(MS monthly, QS quarterly, 14D...)") from None
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {self.device!r}: this torch sees no CUDA device "
+                                 "(a CPU build, or no GPU); use --device cpu")
+        elif self.device != "cpu":
+            raise ValueError(f"device {self.device!r} is not cpu or cuda[:N]")
+        if self.dtype == "fp16" and self.device == "cpu":
+            raise ValueError("dtype fp16 needs a CUDA device; on CPU use fp32 or bf16")
         self.geometry  # noqa: B018 - parse the GeoJSON now, so a bad one fails here
         return self
 

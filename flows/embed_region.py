@@ -53,6 +53,9 @@ def embed_region(
     output_uri: str = "outputs",
     model: str = DEFAULT_MODEL,
     tiles_per_batch: int = 2,
+    batch_size: int = 4,
+    device: str = "cpu",
+    dtype: str = "fp32",
     max_cloud: float | None = None,
     time_bin: str | None = None,
     cube_backend: str = "odc-stac",
@@ -64,7 +67,8 @@ def embed_region(
         bbox=tuple(bbox) if bbox else None, geojson=geojson, start=start, end=end,
         sensors=tuple(sensors), patch_size_m=patch_size_m, tile_size_m=tile_size_m,
         catalog=catalog, output_uri=output_uri, model=model, tiles_per_batch=tiles_per_batch,
-        max_cloud=max_cloud, time_bin=time_bin, cube_backend=cube_backend)
+        batch_size=batch_size, device=device, dtype=dtype, max_cloud=max_cloud,
+        time_bin=time_bin, cube_backend=cube_backend)
     plan = plan_run(request)
     batches = pipeline.tile_batches(plan)
     futures = embed_batch.map(unmapped(plan), batches)

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .. import storage
+from ..batch import pad_stack
 from ..model.config import ModalityConfig
 from ..sizes import common_step_m, is_multiple
 from .chips import ChipStoreError, read_chip, read_index
@@ -197,7 +198,7 @@ class ChipStream(IterableDataset):
             oy, ox = (torch.randint(positions, (2,), generator=generator) * step).tolist()
             for name in names:
                 self._crop(batch, chip, name, oy, ox, crop)
-        out = {k: self._stack(k, v) for k, v in batch.items()}
+        out = {k: pad_stack(k, v) for k, v in batch.items()}
         grid = round(crop / patch)
         context, targets = cfg.masks(len(rows), grid, generator)
         series = {n: self.modalities[n].time_series for n in names}
@@ -226,16 +227,3 @@ class ChipStream(IterableDataset):
         batch.setdefault(name, []).append(torch.nan_to_num(pixels))
         batch.setdefault(f"{name}_mask", []).append(mask)
         batch.setdefault(f"{name}_dates", []).append(dates)
-
-    @staticmethod
-    def _stack(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Stack along a new batch axis, padding dates (masked) to the longest series."""
-        t = max(x.shape[0] for x in tensors)
-        padded = []
-        for x in tensors:
-            if x.shape[0] < t:
-                fill = x[-1:].expand(t - x.shape[0], *x.shape[1:]) if key.endswith("_dates") else \
-                    torch.zeros(t - x.shape[0], *x.shape[1:], dtype=x.dtype)
-                x = torch.cat([x, fill.to(x.dtype)])
-            padded.append(x)
-        return torch.stack(padded)

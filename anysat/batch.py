@@ -1,0 +1,29 @@
+"""Model batches from per-footprint samples: stack B = 1 batches into one, so that many tiles
+(or chips) go through one forward. Time series of different lengths are padded with masked
+dates (the model ignores them), so the stacked batch is rectangular."""
+
+from __future__ import annotations
+
+import torch
+
+
+def stack_samples(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """B = 1 batches with the same keys (pixels, `_mask`, `_dates` per sensor) -> one batch."""
+    keys = samples[0].keys()
+    if any(s.keys() != keys for s in samples):
+        raise ValueError("samples to stack must hold the same sensors")
+    return {key: pad_stack(key, [s[key][0] for s in samples]) for key in keys}
+
+
+def pad_stack(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack [T, ...] tensors along a new batch axis, padding T to the longest: pixels with
+    0, masks with False, dates with the last date (finite, and masked anyway)."""
+    t = max(x.shape[0] for x in tensors)
+    padded = []
+    for x in tensors:
+        if x.shape[0] < t:
+            fill = (x[-1:].expand(t - x.shape[0], *x.shape[1:]) if key.endswith("_dates")
+                    else torch.zeros(t - x.shape[0], *x.shape[1:], dtype=x.dtype))
+            x = torch.cat([x, fill.to(x.dtype)])
+        padded.append(x)
+    return torch.stack(padded)

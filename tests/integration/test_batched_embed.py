@@ -1,0 +1,40 @@
+"""Many tiles per forward (reads on threads) writes the same layer as one tile per forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from anysat.cli import DEMO_BBOX, DEMO_DATES
+from anysat.pipeline import run_region
+from anysat.products.zarr_layer import read_layer
+from anysat.request import RegionRequest
+
+pytestmark = pytest.mark.integration
+
+
+def test_batched_inference_equals_one_tile_per_forward(tmp_path):
+    layers = {}
+    for batch_size in (1, 4):
+        request = RegionRequest.build(bbox=DEMO_BBOX, start=DEMO_DATES[0], end=DEMO_DATES[1],
+                                      patch_size_m=60.0, tiles_per_batch=9, batch_size=batch_size,
+                                      output_uri=str(tmp_path / f"b{batch_size}"))
+        manifest = run_region(request)
+        assert manifest["tiles"] == 9
+        layers[batch_size] = read_layer(manifest["layer"])["embedding"].values
+    one, four = layers[1], layers[4]
+    assert np.array_equal(np.isnan(one), np.isnan(four)) and np.isfinite(one).any()
+    np.testing.assert_allclose(four, one, rtol=1e-4, atol=1e-5)   # float32 batched matmuls
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from anysat.errors import RequestError
+
+    with pytest.raises(RequestError, match="sees no CUDA device"):
+        RegionRequest.build(bbox=DEMO_BBOX, start=DEMO_DATES[0], end=DEMO_DATES[1], device="cuda")
+    with pytest.raises(RequestError, match="fp16 needs a CUDA device"):
+        RegionRequest.build(bbox=DEMO_BBOX, start=DEMO_DATES[0], end=DEMO_DATES[1], dtype="fp16")

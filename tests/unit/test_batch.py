@@ -1,0 +1,30 @@
+"""Stacking footprints into one batch: padded dates change nothing, B > 1 equals B = 1."""
+
+from __future__ import annotations
+
+import torch
+
+from anysat.batch import stack_samples
+from anysat.model import build_model
+from anysat.modalities import resolve_sensors
+
+
+def sample(t: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    dates = torch.arange(t, dtype=torch.float32)[None] * 30 + 18600
+    return {"sentinel-2-l2a": torch.rand(1, t, 9, 6, 6, generator=g) * 0.3,
+            "sentinel-2-l2a_dates": dates, "sentinel-2-l2a_mask": torch.ones(1, t, 6, 6, dtype=torch.bool),
+            "sentinel-1": torch.randn(1, t, 2, 6, 6, generator=g) * 2 - 12,
+            "sentinel-1_dates": dates, "sentinel-1_mask": torch.rand(1, t, 6, 6, generator=g) > 0.2}
+
+
+def test_a_stacked_batch_of_different_series_lengths_equals_one_by_one():
+    model = build_model("tiny", resolve_sensors(["s2", "s1"]), seed=1, dim=64)
+    samples = [sample(3, 0), sample(5, 1), sample(1, 2)]
+    batch = stack_samples(samples)
+    assert batch["sentinel-2-l2a"].shape == (3, 5, 9, 6, 6)
+    assert not batch["sentinel-1_mask"][0, 3:].any() and torch.isfinite(batch["sentinel-1_dates"]).all()
+    with torch.inference_mode():
+        together = model(batch, 20, "patch")
+        alone = torch.cat([model(s, 20, "patch") for s in samples])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
