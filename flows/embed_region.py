@@ -27,6 +27,7 @@ from anysat.cli import add_request_arguments, attach_negative_values, request_fr
 from anysat.errors import AnySatError  # noqa: E402
 from anysat.request import DEFAULT_MODEL, DEFAULT_SENSORS, RegionRequest  # noqa: E402
 from anysat.tiles import Tile  # noqa: E402
+from flows.local_server import prefect_server  # noqa: E402
 
 # Resume is handled by the library's per-tile done-markers, not by Prefect's result cache.
 plan_run = task(pipeline.plan_run, name="plan-tiles", cache_policy=NO_CACHE)
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         request = request_from_args(args)
-        manifest = embed_region(**request.model_dump(mode="json"))
+        with prefect_server():
+            manifest = embed_region(**request.model_dump(mode="json"))
     except AnySatError as exc:
         print(f"embed-region: error: {exc}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from anysat.errors import AnySatError  # noqa: E402
 from anysat.request import DEFAULT_SENSORS  # noqa: E402
 from anysat.tiles import Tile  # noqa: E402
 from anysat.train import ingest as library  # noqa: E402
+from flows.local_server import prefect_server  # noqa: E402
 
 # Resume is the chips' own `complete` flags, not Prefect's result cache.
 plan_ingest = task(library.plan_ingest, name="plan-chips", cache_policy=NO_CACHE)
@@ -90,11 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         request = ingest_request_from_args(args)
         fields = request.model_dump(mode="json")
-        summary = ingest(start=fields["start"], end=fields["end"], store_uri=fields["output_uri"],
-                         bbox=fields["bbox"], geojson=fields["geojson"], sensors=fields["sensors"],
-                         chip_size_m=fields["tile_size_m"], catalog=fields["catalog"],
-                         tiles_per_batch=fields["tiles_per_batch"], max_cloud=fields["max_cloud"],
-                         time_bin=fields["time_bin"], cube_backend=fields["cube_backend"])
+        with prefect_server():
+            summary = ingest(
+                start=fields["start"], end=fields["end"], store_uri=fields["output_uri"],
+                bbox=fields["bbox"], geojson=fields["geojson"], sensors=fields["sensors"],
+                chip_size_m=fields["tile_size_m"], catalog=fields["catalog"],
+                tiles_per_batch=fields["tiles_per_batch"], max_cloud=fields["max_cloud"],
+                time_bin=fields["time_bin"], cube_backend=fields["cube_backend"])
     except AnySatError as exc:
         print(f"ingest: error: {exc}", file=sys.stderr)
         return 2

@@ -1,8 +1,8 @@
 """Prefect flow `pretrain`: launch the JEPA pretraining job (`anysat pretrain`, torchrun when
 nproc > 1) and report its loss, samples/s and collapse monitors as it goes.
 
-Here the job is a local process; deployed on a GPU work pool (flows/prefect.yaml) it is the
-same command on a GPU node. A rerun resumes from the newest complete checkpoint under `out`.
+Here the job is a local process; deployed on a GPU work pool it is the same command on a
+GPU node. A rerun resumes from the newest complete checkpoint under `out`.
 
     python -m flows.pretrain --chips outputs/chips.zarr --out outputs/pretrain --steps 200
 """
@@ -21,6 +21,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+
+from flows.local_server import prefect_server  # noqa: E402
 
 
 def pretrain_command(chips: list[str], out: str, model: str, steps: int, nproc: int,
@@ -96,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--options", default="{}", help="more `anysat pretrain` options, JSON")
     args = parser.parse_args(argv)
     try:
-        result = pretrain(args.chips.split(","), args.out, args.model, args.steps, args.nproc,
-                          args.batch_size, json.loads(args.options))
+        with prefect_server():
+            result = pretrain(args.chips.split(","), args.out, args.model, args.steps,
+                              args.nproc, args.batch_size, json.loads(args.options))
     except RuntimeError as exc:
         print(f"pretrain: error: {exc}", file=sys.stderr)
         return 2

@@ -4,28 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from anysat.cli import DEMO_BBOX  # noqa: F401 - the whole demo footprint (1 km2)
+from flows.local_server import free_port, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CATALOG = ROOT / "catalogs" / "demo"
 # A 600 m tile fully inside the demo footprint, and a small bbox inside that tile.
 CENTRAL_TILE = (32631, 1107, 9352, 600.0)
 SMALL_BBOX = (5.3245, 50.6318, 5.3275, 50.6340)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -52,21 +44,6 @@ def s3_endpoint():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-
-
-def wait_for_http(url: str, proc: subprocess.Popen, what: str, seconds: float = 90) -> None:
-    deadline = time.time() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"{what} did not become healthy at {url}")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
@@ -106,29 +83,7 @@ def stac_api(tmp_path_factory):
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """One real Prefect server on loopback for the whole session."""
-    port = free_port()
-    home = tmp_path_factory.mktemp("prefect-home")
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_UI_ENABLED": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-         str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    api = f"http://127.0.0.1:{port}/api"
-    wait_for_http(f"{api}/health", proc, "prefect server")
-    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
-    os.environ.update({"PREFECT_API_URL": api, "PREFECT_HOME": str(home)})
-    yield api
-    # Send what Prefect still queues (logs, events) while the server is up, or its workers
-    # keep retrying a closed port at interpreter exit.
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
+    from flows.local_server import prefect_server
 
-    APILogWorker.drain_all(timeout=15)
-    EventsWorker.drain_all(timeout=15)
-    proc.terminate()
-    proc.wait(timeout=30)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with prefect_server(home=str(tmp_path_factory.mktemp("prefect-home"))) as api:
+        yield api
