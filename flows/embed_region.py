@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -20,13 +19,13 @@ from prefect import flow, get_run_logger, task, unmapped  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
-from prefect_dask import DaskTaskRunner  # noqa: E402
 
 from anysat import pipeline  # noqa: E402
 from anysat.cli import add_request_arguments, attach_negative_values, request_from_args  # noqa: E402
 from anysat.errors import AnySatError  # noqa: E402
 from anysat.request import DEFAULT_MODEL, DEFAULT_SENSORS, RegionRequest  # noqa: E402
 from anysat.tiles import Tile  # noqa: E402
+from flows.dask_runner import dask_task_runner  # noqa: E402
 from flows.local_server import prefect_server  # noqa: E402
 
 # Resume is handled by the library's per-tile done-markers, not by Prefect's result cache.
@@ -39,9 +38,7 @@ def embed_batch(plan: pipeline.RunPlan, tiles: list[Tile]) -> list[dict]:
     return pipeline.embed_tiles(plan, tiles)
 
 
-@flow(name="embed-region", task_runner=DaskTaskRunner(
-    cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
-                    "silence_logs": logging.WARNING}))
+@flow(name="embed-region", task_runner=dask_task_runner())
 def embed_region(
     start: str,
     end: str,

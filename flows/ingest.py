@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -20,13 +19,13 @@ from prefect import flow, get_run_logger, task, unmapped  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
-from prefect_dask import DaskTaskRunner  # noqa: E402
 
 from anysat.cli import add_ingest_arguments, attach_negative_values, ingest_request_from_args  # noqa: E402
 from anysat.errors import AnySatError  # noqa: E402
 from anysat.request import DEFAULT_SENSORS  # noqa: E402
 from anysat.tiles import Tile  # noqa: E402
 from anysat.train import ingest as library  # noqa: E402
+from flows.dask_runner import dask_task_runner  # noqa: E402
 from flows.local_server import prefect_server  # noqa: E402
 
 # Resume is the chips' own `complete` flags, not Prefect's result cache.
@@ -39,9 +38,7 @@ def ingest_batch(plan: library.IngestPlan, tiles: list[Tile]) -> list[dict]:
     return library.ingest_tiles(plan, tiles)
 
 
-@flow(name="ingest", task_runner=DaskTaskRunner(
-    cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
-                    "silence_logs": logging.WARNING}))
+@flow(name="ingest", task_runner=dask_task_runner())
 def ingest(
     start: str,
     end: str,
