@@ -280,28 +280,21 @@ def attach_negative_values(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="anysat", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    embed = commands.add_parser("embed", help="embed a region into a Zarr layer and a preview")
-    add_request_arguments(embed)
-    embed.set_defaults(run=run_embed)
-    evaluate = commands.add_parser("evaluate", help="probe a checkpoint on real labels against "
-                                                    "raw features and random init")
-    add_evaluate_arguments(evaluate)
-    evaluate.set_defaults(run=run_evaluate)
-    points = commands.add_parser("embed-points", help="embed point time series (a table) "
-                                                      "into vectors")
-    add_points_arguments(points)
-    points.set_defaults(run=run_embed_points)
-    plan = commands.add_parser("plan", help="tiles per UTM zone of a region (--estimate)")
-    add_plan_arguments(plan)
-    plan.set_defaults(run=run_plan)
-    ingest = commands.add_parser("ingest", help="write training chips of a region and dates "
-                                                "to a chip store")
-    add_ingest_arguments(ingest)
-    ingest.set_defaults(run=run_ingest)
-    pretrain = commands.add_parser("pretrain", help="JEPA pretraining from chip stores "
-                                                    "(torchrun DDP with --nproc > 1), resumable")
-    add_pretrain_arguments(pretrain)
-    pretrain.set_defaults(run=run_pretrain)
+    for name, help_text, add_arguments, run in (
+            ("embed", "embed a region into a Zarr layer and a preview", add_request_arguments,
+             run_embed),
+            ("evaluate", "probe a checkpoint on real labels against raw features and random init",
+             add_evaluate_arguments, run_evaluate),
+            ("embed-points", "embed point time series (a table) into vectors",
+             add_points_arguments, run_embed_points),
+            ("plan", "tiles per UTM zone of a region (--estimate)", add_plan_arguments, run_plan),
+            ("ingest", "write training chips of a region and dates to a chip store",
+             add_ingest_arguments, run_ingest),
+            ("pretrain", "JEPA pretraining from chip stores (torchrun DDP with --nproc > 1), "
+                         "resumable", add_pretrain_arguments, run_pretrain)):
+        command = commands.add_parser(name, help=help_text)
+        add_arguments(command)
+        command.set_defaults(run=run)
     argv = attach_negative_values(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv[1:]  # after the command name: what a torchrun child gets

@@ -65,6 +65,12 @@ def _generator(*key: int) -> torch.Generator:
 def chip_table(stores: list[str], modalities: dict[str, ModalityConfig]) -> pd.DataFrame:
     """The index rows of every complete chip of the stores, checked against the model: one
     clear error for an empty store, a sensor no chip has, or a chip whose shapes disagree."""
+    return check_chip_table(read_chip_indexes(stores), modalities)
+
+
+def read_chip_indexes(stores: list[str]) -> pd.DataFrame:
+    """The index rows of every complete chip of the stores (column `store` added); an error
+    naming a store without complete chips."""
     tables = []
     for store in stores:
         store = storage.normalize_uri(store)
@@ -75,7 +81,17 @@ def chip_table(stores: list[str], modalities: dict[str, ModalityConfig]) -> pd.D
                     else "run `anysat ingest` to fill it")
             raise ChipStoreError(f"chip store {store} has no complete chips ({hint})")
         tables.append(index.assign(store=store))
-    table = pd.concat(tables, ignore_index=True)
+    return pd.concat(tables, ignore_index=True)
+
+
+def sensors_in(table: pd.DataFrame) -> set[str]:
+    """Every sensor some chip of the table holds."""
+    return {name for shapes in table.shapes for name in json.loads(shapes)}
+
+
+def check_chip_table(table: pd.DataFrame, modalities: dict[str, ModalityConfig]) -> pd.DataFrame:
+    """The table, if every chip suits the model (see `chip_table`)."""
+    stores = list(dict.fromkeys(table.store))
     present: set[str] = set()
     for row in table.itertuples():
         shapes = json.loads(row.shapes)

@@ -35,13 +35,12 @@ from ..errors import AnySatError, CheckpointError
 from ..model import AnySat, save_checkpoint
 from ..model.checkpoint import build_model
 from ..modalities import available_specs, resolve_sensors
-from .chips import read_index
 from .jepa import JEPA, JEPAConfig, ema_momentum
 from .masks import MultiBlockMasks
 from .monitors import collapse_monitors
 from .pretrain import learning_rate
 from .state import load_latest, restore, save_state
-from .stream import ChipStream, StreamConfig, chip_table
+from .stream import ChipStream, StreamConfig, check_chip_table, read_chip_indexes, sensors_in
 
 log = logging.getLogger("anysat")
 # The target's statistics are averaged over ranks after each step (`_average_buffers`), not
@@ -114,27 +113,18 @@ def _world() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _sensors_of(stores: list[str]) -> list[str]:
-    present: set[str] = set()
-    for store in stores:
-        for shapes in read_index(store).shapes:
-            present.update(json.loads(shapes))
-    return [name for name in available_specs() if name in present]
-
-
 def prepare(cfg: TrainConfig, world: int) -> Prepared:
     """Every check before training, so bad input fails before a process is spawned: output
     writable, chips usable by the model, the newest checkpoint made by this same recipe."""
     storage.check_writable(cfg.out)
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.accumulation < 1:
         raise AnySatError("steps, batch size and accumulation must be at least 1")
-    names = cfg.sensors or _sensors_of(cfg.chips)
-    if not names:
-        chip_table(cfg.chips, {})  # raises the empty-store error
-    specs = resolve_sensors(names)
+    table = read_chip_indexes(cfg.chips)
+    present = sensors_in(table)
+    specs = resolve_sensors(cfg.sensors or [n for n in available_specs() if n in present])
     overrides = {k: v for k, v in (("dim", cfg.dim), ("depth", cfg.depth)) if v}
     model = build_model(cfg.model, specs, cfg.seed, **overrides)
-    table = chip_table(cfg.chips, model.modalities)
+    table = check_chip_table(table, model.modalities)
     checkpoint = load_latest(cfg.out)
     if checkpoint is not None:
         saved = checkpoint["state"]
