@@ -1,13 +1,18 @@
-"""Model batches from per-footprint samples: stack B = 1 batches into one, so that many tiles
-(or chips) go through one forward. Time series of different lengths are padded with masked
-dates (the model ignores them), so the stacked batch is rectangular."""
+"""Model batches: a dict of tensors, per sensor `s`: `s` pixels [B, T, C, H, W] in physical
+units (NaN where invalid), `s_dates` [B, T] days since 1970-01-01, `s_mask` [B, T, H, W] True
+where every band is valid. B = 1 batches (a tile, a chip) stack into one, so that many go
+through one forward: time series of different lengths are padded with masked dates (the model
+ignores them), so the stacked batch is rectangular. (Cubes become batches in `cube.batch`.)
+"""
 
 from __future__ import annotations
 
 import torch
 
+Batch = dict[str, torch.Tensor]
 
-def stack_samples(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+
+def stack_samples(samples: list[Batch]) -> Batch:
     """B = 1 batches with the same keys (pixels, `_mask`, `_dates` per sensor) -> one batch."""
     keys = samples[0].keys()
     if any(s.keys() != keys for s in samples):

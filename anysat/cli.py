@@ -178,7 +178,7 @@ def run_embed(args: argparse.Namespace) -> None:
     from .pipeline import run_region
 
     manifest = run_region(request_from_args(args))
-    print(json.dumps({k: manifest[k] for k in ("layer", "preview", "tiles", "area_km2")}, indent=2))
+    print(json.dumps({k: manifest[k] for k in ("layers", "tiles", "area_km2", "plan")}, indent=2))
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -202,25 +202,37 @@ MEASURED_KM2_PER_S = 0.32  # 2026-11-26: 9 tiles of 600 m, 3.24 km2 in 10.3 s
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bbox", type=_floats, help="west,south,east,north in degrees "
-                                                     "(west > east: across the antimeridian)")
-    parser.add_argument("--geojson", help="path of a GeoJSON file with the region")
-    parser.add_argument("--tile-size-m", type=float, default=600.0)
+    add_request_arguments(parser)
     parser.add_argument("--estimate", action="store_true",
-                        help="count tiles per UTM zone and estimate device-hours (no search)")
+                        help="only count tiles per UTM zone and estimate device-hours (no "
+                             "search, nothing written; needs only the region and tile size)")
     parser.add_argument("--km2-per-s", type=float, default=MEASURED_KM2_PER_S,
                         help="throughput to estimate with (default: measured on a 2-core CPU)")
 
 
 def run_plan(args: argparse.Namespace) -> None:
+    if args.estimate:
+        return estimate_plan(args)
+    from .pipeline import plan_run
+
+    plan = plan_run(request_from_args(args), create_layers=False)
+    tiles = plan.tiles
+    print(json.dumps({
+        "plan": plan.plan_uri, "hash": plan.hash, "tiles": len(tiles),
+        "area_km2": round(plan.area_km2, 4), "blocks": int(tiles["block"].nunique()),
+        "tiles_without_items": int((tiles["status"] == "no-items").sum()),
+        "zones": [{"epsg": z.epsg, "tiles": z.tiles, "area_km2": round(z.area_km2, 4)}
+                  for z in plan.zones],
+        "items": {s: len({i for ids in tiles[f"items.{s}"] for i in ids}) for s in plan.sensors},
+    }, indent=2))
+
+
+def estimate_plan(args: argparse.Namespace) -> None:
     from .tiles import plan_zones
 
-    if not args.estimate:
-        raise AnySatError("only `anysat plan --estimate` exists yet: the saved run plan (items "
-                          "per tile, plan.json) is still to come; `anysat embed` plans its run itself")
     today = dt.date.today().isoformat()  # the grid does not depend on dates
-    request = RegionRequest.build(bbox=args.bbox, geojson=_read_geojson(args.geojson), start=today,
-                                  end=today, tile_size_m=args.tile_size_m,
+    fields = {**region_fields(args), "start": today, "end": today}
+    request = RegionRequest.build(**fields, tile_size_m=args.tile_size_m,
                                   patch_size_m=args.tile_size_m)
     zones = plan_zones(request.geometry, args.tile_size_m)
     for zone in zones:
@@ -287,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
              add_evaluate_arguments, run_evaluate),
             ("embed-points", "embed point time series (a table) into vectors",
              add_points_arguments, run_embed_points),
-            ("plan", "tiles per UTM zone of a region (--estimate)", add_plan_arguments, run_plan),
+            ("plan", "plan a run (tiles per UTM zone, items per tile) and save it under the "
+                     "output; --estimate only counts tiles", add_plan_arguments, run_plan),
             ("ingest", "write training chips of a region and dates to a chip store",
              add_ingest_arguments, run_ingest),
             ("pretrain", "JEPA pretraining from chip stores (torchrun DDP with --nproc > 1), "

@@ -24,7 +24,7 @@ from anysat import pipeline  # noqa: E402
 from anysat.cli import add_request_arguments, attach_negative_values, request_from_args  # noqa: E402
 from anysat.errors import AnySatError  # noqa: E402
 from anysat.request import DEFAULT_MODEL, DEFAULT_SENSORS, RegionRequest  # noqa: E402
-from anysat.tiles import Tile  # noqa: E402
+from anysat.plan import plan_for_worker  # noqa: E402
 from flows.dask_runner import dask_task_runner  # noqa: E402
 from flows.local_server import prefect_server  # noqa: E402
 
@@ -34,8 +34,9 @@ finish_run = task(pipeline.finish_run, name="write-preview-and-manifest", cache_
 
 
 @task(name="embed-tile-batch", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
-def embed_batch(plan: pipeline.RunPlan, tiles: list[Tile]) -> list[dict]:
-    return pipeline.embed_tiles(plan, tiles)
+def embed_batch(request: RegionRequest, plan_hash: str, tile_ids: list[str]) -> list[dict]:
+    # workers read the saved plan themselves: a continent's tile table never travels per task
+    return pipeline.embed_tiles(plan_for_worker(request, plan_hash), tile_ids)
 
 
 @flow(name="embed-region", task_runner=dask_task_runner())
@@ -69,7 +70,7 @@ def embed_region(
         time_bin=time_bin, cube_backend=cube_backend)
     plan = plan_run(request)
     batches = pipeline.tile_batches(plan)
-    futures = embed_batch.map(unmapped(plan), batches)
+    futures = embed_batch.map(unmapped(request), unmapped(plan.hash), batches)
     results: list[dict] = []
     for future in as_completed(futures):
         results.extend(future.result())
@@ -82,8 +83,9 @@ def embed_region(
             f"# embed-region\n\n| | |\n|---|---|\n| tiles | {manifest['tiles']} |\n"
             f"| area | {manifest['area_km2']:.2f} km² |\n"
             f"| patches with data | {manifest['patches_with_data']} |\n"
-            f"| time | {manifest['seconds']:.1f} s |\n| layer | `{manifest['layer']}` |\n"
-            f"| preview | `{manifest['preview']}` |\n"),
+            f"| time | {manifest['seconds']:.1f} s |\n| plan | `{manifest['plan']}` |\n"
+            + "".join(f"| EPSG:{z['epsg']} | `{z['layer']}`, `{z['preview']}` |\n"
+                      for z in manifest["layers"])),
         description="What embed-region wrote")
     return manifest
 
@@ -100,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"embed-region: error: {exc}", file=sys.stderr)
         return 2
     print("\nembed-region wrote:")
-    print(json.dumps({k: manifest[k] for k in ("layer", "preview", "tiles", "area_km2",
-                                                  "patches_with_data", "seconds", "manifest")}, indent=2))
+    print(json.dumps({k: manifest[k] for k in ("layers", "tiles", "area_km2", "patches_with_data",
+                                                  "seconds", "plan", "manifest")}, indent=2))
     return 0
 
 

@@ -55,7 +55,7 @@ def _record(group: zarr.Group) -> dict:
 
 def write_chip(store_uri: str, tile: Tile, batch: dict[str, torch.Tensor], specs: list[ModalitySpec],
                attrs: dict | None = None) -> dict:
-    """Write one footprint batch (B = 1, as `pipeline.load_tile_batch` returns) as a chip;
+    """Write one footprint batch (B = 1, as `cube.batch.load_tile_batch` returns) as a chip;
     returns its index row."""
     names = [s.name for s in specs if s.name in batch]
     root = zarr.open_group(store_uri, mode="a", zarr_format=3)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from shapely.geometry import shape
 
 from .. import storage
+from ..cube.batch import load_tile_batch
 from ..errors import NoItemsError
 from ..request import RegionRequest
 from ..stac import resolve_provider, search_sensors
@@ -135,8 +136,6 @@ def ingest_tile(provider: Provider, specs: list[ModalitySpec], tile: Tile, start
                 time_bin: str | None = None, backend: str = "odc-stac") -> dict | None:
     """Load and write one chip; a complete chip already in the store is kept (its row is
     returned with `skipped`). None when no sensor has data over the tile."""
-    from ..pipeline import load_tile_batch
-
     done = chip_record(store_uri, tile.id)
     if done is not None:
         return {**done, "skipped": True}

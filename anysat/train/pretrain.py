@@ -16,7 +16,7 @@ from ..errors import ModelInputError
 @dataclass
 class ChipSampler:
     """Random square chips (all sensors, same ground footprint) from one footprint batch
-    (B = 1, e.g. a tile loaded by `pipeline.load_tile_batch`). Chip sides and offsets are
+    (B = 1, e.g. a tile loaded by `cube.batch.load_tile_batch`). Chip sides and offsets are
     multiples of `step_m`, a common multiple of every sensor's GSD and the patch sizes."""
 
     footprint: dict[str, torch.Tensor]

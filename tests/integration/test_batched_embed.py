@@ -21,7 +21,7 @@ def test_batched_inference_equals_one_tile_per_forward(tmp_path):
                                       output_uri=str(tmp_path / f"b{batch_size}"))
         manifest = run_region(request)
         assert manifest["tiles"] == 9
-        layers[batch_size] = read_layer(manifest["layer"])["embedding"].values
+        layers[batch_size] = read_layer(manifest["layers"][0]["layer"])["embedding"].values
     one, four = layers[1], layers[4]
     assert np.array_equal(np.isnan(one), np.isnan(four)) and np.isfinite(one).any()
     np.testing.assert_allclose(four, one, rtol=1e-4, atol=1e-5)   # float32 batched matmuls

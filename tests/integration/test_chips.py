@@ -8,7 +8,7 @@ import torch
 import zarr
 
 from anysat.modalities import available_specs
-from anysat.pipeline import load_tile_batch
+from anysat.cube.batch import load_tile_batch
 from anysat.stac import resolve_provider
 from anysat.tiles import Tile
 from anysat.train.chips import list_chips, read_chip, write_chip

@@ -33,8 +33,8 @@ def test_embed_small_region_writes_layer_preview_and_manifest(tmp_path):
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
     manifest = json.loads((tmp_path / "run.json").read_text())
-    assert printed["layer"] == manifest["layer"] and manifest["tiles"] == 1
-    layer = xr.open_zarr(manifest["layer"], consolidated=False, decode_coords="all")
+    assert printed["layers"] == manifest["layers"] and manifest["tiles"] == 1
+    layer = xr.open_zarr(manifest["layers"][0]["layer"], consolidated=False, decode_coords="all")
     emb = layer.embedding.values
     dim = load_model("demo").config.dim                                 # the shipped checkpoint
     assert emb.shape == (30, 30, dim) and np.isfinite(emb).all()      # central tile: all data
@@ -83,8 +83,9 @@ def test_killed_run_leaves_nothing_looking_complete_and_resumes(tmp_path):
     # the resumed layer equals an uninterrupted run's
     fresh = embed(output=tmp_path / "fresh")
     assert fresh.returncode == 0, fresh.stderr
-    a = xr.open_zarr(json.loads((out / "run.json").read_text())["layer"], consolidated=False)
-    b = xr.open_zarr(json.loads((tmp_path / "fresh" / "run.json").read_text())["layer"], consolidated=False)
+    a = xr.open_zarr(json.loads((out / "run.json").read_text())["layers"][0]["layer"], consolidated=False)
+    b = xr.open_zarr(json.loads((tmp_path / "fresh" / "run.json").read_text())["layers"][0]["layer"],
+                     consolidated=False)
     np.testing.assert_allclose(a.embedding.values, b.embedding.values, rtol=1e-5, atol=1e-5)
     assert np.isfinite(a.embedding.values).all(axis=-1).sum() == 34 * 34   # 1 km2 at 30 m patches
     # the shipped checkpoint's layer is about the land, not the patch's place in its tile

@@ -27,15 +27,16 @@ def test_flow_writes_layer_to_s3(prefect_api, s3_endpoint):
                              return_state=True)
     assert state.is_completed()
     manifest = state.result()
-    assert manifest["layer"] == "s3://anysat/demo-run/embeddings/EPSG32631_patch60m.zarr"
+    assert [z["layer"] for z in manifest["layers"]] == ["s3://anysat/demo-run/embeddings/EPSG32631_patch60m.zarr"]
 
     fs = fsspec.filesystem("s3")
+    assert fs.exists("anysat/demo-run/plan.json") and fs.exists("anysat/demo-run/plan/tiles.parquet")
     on_s3 = json.loads(fs.cat_file("anysat/demo-run/run.json"))
     assert on_s3["tiles"] == 9 and on_s3["area_km2"] == pytest.approx(3.24)
     assert len(fs.ls("anysat/demo-run/tiles")) == 9
     assert fs.cat_file("anysat/demo-run/preview/EPSG32631_pca.png")[:4] == b"\x89PNG"
 
-    layer = xr.open_zarr(manifest["layer"], consolidated=False, decode_coords="all")
+    layer = xr.open_zarr(manifest["layers"][0]["layer"], consolidated=False, decode_coords="all")
     emb = layer.embedding.values
     assert emb.shape == (30, 30, load_model("demo").config.dim)       # the shipped checkpoint
     assert layer.rio.crs.to_epsg() == 32631 and layer.attrs["model"] == "demo"

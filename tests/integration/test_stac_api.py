@@ -2,6 +2,7 @@
 stac-server), through a proxy that answers 429/503 first, and against a closed port."""
 
 import datetime as dt
+import json
 import http.server
 import threading
 import urllib.request
@@ -12,7 +13,7 @@ from shapely.geometry import Polygon
 
 from anysat.errors import CatalogUnreachableError, NoItemsError, UnknownCollectionError
 from anysat.modalities import available_specs
-from anysat.pipeline import load_tile_batch
+from anysat.cube.batch import load_tile_batch
 from anysat.stac import resolve_provider, search_items, search_sensors
 from anysat.stac.api import _open
 from anysat.tiles import Tile
@@ -78,8 +79,10 @@ class FlakyProxy(http.server.BaseHTTPRequestHandler):
     upstream = ""
     failures: list[tuple[int, dict]] = []
     seen: list[int] = []
+    paths: list[str] = []
 
     def _forward(self):
+        self.paths.append(self.path)
         if self.failures:
             status, headers = self.failures.pop(0)
             self.seen.append(status)
@@ -111,7 +114,7 @@ class FlakyProxy(http.server.BaseHTTPRequestHandler):
 def flaky_proxy(stac_api):
     port = free_port()
     FlakyProxy.upstream, FlakyProxy.proxy_url = stac_api, f"http://127.0.0.1:{port}"
-    FlakyProxy.failures, FlakyProxy.seen = [], []
+    FlakyProxy.failures, FlakyProxy.seen, FlakyProxy.paths = [], [], []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), FlakyProxy)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield FlakyProxy
@@ -133,3 +136,24 @@ def test_persistent_errors_and_unreachable_api_say_what_failed(flaky_proxy):
     closed = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(CatalogUnreachableError, match=f"cannot reach STAC API {closed}"):
         search_items(resolve_provider(closed), SPECS["sentinel-1"], DEMO_BBOX, START, END)
+
+
+def test_a_run_searches_once_per_block_not_per_tile(flaky_proxy, tmp_path):
+    """The plan searches each block of tiles once; embedding reads the plan's items."""
+    from anysat.pipeline import run_region
+    from anysat.request import RegionRequest
+
+    def searches() -> int:
+        return sum(p.startswith("/search") for p in flaky_proxy.paths)
+
+    search_sensors(resolve_provider(flaky_proxy.proxy_url), DEMO_SPECS, DEMO_BBOX, START, END)
+    per_search = searches()                      # requests of one search: sensor groups x pages
+    flaky_proxy.paths.clear()
+    request = RegionRequest.build(bbox=DEMO_BBOX, start=START, end=END, tile_size_m=300,
+                                  patch_size_m=60, catalog=flaky_proxy.proxy_url,
+                                  output_uri=str(tmp_path / "run"))
+    manifest = run_region(request)
+    blocks = json.loads((tmp_path / "run" / "plan.json").read_text())["blocks"]
+    assert manifest["tiles"] == 20 and blocks == 2    # the square kilometre meets 2 blocks
+    assert searches() == blocks * per_search
+    assert manifest["patches_with_data"] > 0

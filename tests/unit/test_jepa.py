@@ -7,7 +7,7 @@ import torch
 
 from anysat.modalities import resolve_sensors
 from anysat.model import AnySat, AnySatConfig, load_model
-from anysat.pipeline import load_tile_batch
+from anysat.cube.batch import load_tile_batch
 from anysat.stac import resolve_provider
 from anysat.tiles import Tile
 from anysat.train import (JEPA, JEPAConfig, MultiBlockMasks, effective_rank,

@@ -1,0 +1,58 @@
+"""The cube -> batch adapter: the STAC items of each sensor over a tile -> a B = 1 model batch
+(see `anysat.batch` for its layout)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pystac
+import torch
+
+from ..batch import Batch
+from ..modalities import ModalitySpec
+from ..stac import search_sensors
+from ..stac.providers import Provider
+from ..stac.signing import url_signer
+from ..tiles import Tile
+from .composite import bin_time
+from .load import load_cube, read_cube
+
+
+def days_since_epoch(times: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(times.astype("datetime64[D]").astype("int64").astype("float32"))
+
+
+def load_items_batch(items: dict[str, Sequence[pystac.Item]], specs: list[ModalitySpec],
+                     tile: Tile, *, naming: str, patch_url: Callable[[str], str] | None = None,
+                     time_bin: str | None = None, backend: str = "odc-stac"
+                     ) -> tuple[Batch, dict[str, int]]:
+    """A B = 1 batch of the sensors with items over the tile, and each one's date count.
+    Sensors without items are left out: AnySat takes any subset of its sensors."""
+    batch: Batch = {}
+    dates: dict[str, int] = {}
+    for spec in specs:
+        if not items.get(spec.name):
+            continue
+        cube = load_cube(items[spec.name], spec, tile.geobox(spec.gsd_m), naming=naming,
+                         patch_url=patch_url, backend=backend)
+        if time_bin and spec.time_series:
+            cube = bin_time(cube, time_bin)
+        cube = read_cube(cube)
+        pixels = torch.from_numpy(cube.values)[None]
+        batch[spec.name] = pixels
+        batch[f"{spec.name}_dates"] = days_since_epoch(cube.time.values)[None]
+        batch[f"{spec.name}_mask"] = torch.isfinite(pixels).all(dim=2)
+        dates[spec.name] = int(cube.sizes["time"])
+    return batch, dates
+
+
+def load_tile_batch(provider: Provider, specs: list[ModalitySpec], tile: Tile, start: dt.date,
+                    end: dt.date, *, max_cloud: float | None = None, time_bin: str | None = None,
+                    backend: str = "odc-stac") -> tuple[Batch, dict[str, int]]:
+    """Search the provider over the tile, then `load_items_batch` (a run with a saved plan
+    takes the plan's items instead of searching)."""
+    found = search_sensors(provider, specs, tile.bbox_lonlat, start, end, max_cloud=max_cloud)
+    return load_items_batch(found, specs, tile, naming=provider.naming,
+                            patch_url=url_signer(provider), time_bin=time_bin, backend=backend)

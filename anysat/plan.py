@@ -1,0 +1,329 @@
+"""The saved run plan: what a run does, decided once and written under its output URI.
+
+- `plan.json`: the request's fingerprint (everything the embeddings depend on: region, dates,
+  sensors, sizes, catalog, model and its weights' sha256...) and its hash, the zones with
+  their layer grids. Written last, so its presence means the plan is complete.
+- `plan/tiles.parquet` (GeoParquet): one row per tile: id, zone (EPSG), grid column and row,
+  footprint in lon/lat, block, the ids of its items per sensor, and `status` (`pending`, or
+  `no-items` where no sensor has an item).
+- `plan/items/<block>.json`: the STAC items one search of a block of tiles found (hrefs
+  absolute and unsigned: signing happens at read time, so no token is stored).
+
+Embedding reads the items from the plan, never searching again, so a resumed tile sees
+the catalog as the plan did. A rerun into the same output with another request is refused,
+naming what differs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pystac
+import shapely
+from pyproj import Transformer
+from shapely.geometry import box, shape
+
+from . import storage
+from .errors import AnySatError, OutputNotWritableError
+from .modalities import ModalitySpec
+from .products.zarr_layer import LayerGrid
+from .request import RegionRequest
+from .stac import resolve_provider, search_sensors
+from .tiles import Tile, ZoneTiles, plan_zones
+
+log = logging.getLogger("anysat")
+
+PLAN_VERSION = 1
+BLOCK_TILES = 16  # a block is up to 16 x 16 tiles of one zone's grid, searched once
+# What the embeddings depend on; batch sizes, device and output location do not.
+FINGERPRINT_FIELDS = ("bbox", "geojson", "start", "end", "sensors", "patch_size_m",
+                      "tile_size_m", "catalog", "model", "max_cloud", "time_bin",
+                      "cube_backend", "dtype")
+
+
+class PlanMismatchError(AnySatError):
+    """The output already holds the plan of another request."""
+
+
+def fingerprint(request: RegionRequest, specs: list[ModalitySpec], model_sha256: str) -> dict:
+    fields = request.model_dump(mode="json", include=set(FINGERPRINT_FIELDS))
+    return {**fields, "sensors": [s.name for s in specs], "model_sha256": model_sha256}
+
+
+def fingerprint_hash(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ZonePlan:
+    epsg: int
+    grid: LayerGrid
+    tiles: int
+
+    @property
+    def area_km2(self) -> float:
+        return self.tiles * self.grid.tile_size_m ** 2 / 1e6
+
+
+@dataclass(frozen=True, eq=False)
+class RunPlan:
+    uri: str                    # the run's output URI
+    request: RegionRequest
+    fingerprint: dict
+    hash: str
+    zones: tuple[ZonePlan, ...]
+    tiles: pd.DataFrame         # one row per tile, indexed by tile id (no geometry column)
+    sensors: tuple[str, ...]
+
+    @property
+    def plan_uri(self) -> str:
+        return storage.join(self.uri, "plan.json")
+
+    @property
+    def manifest_uri(self) -> str:
+        return storage.join(self.uri, "run.json")
+
+    @property
+    def area_km2(self) -> float:
+        return sum(z.area_km2 for z in self.zones)
+
+    @property
+    def tile_ids(self) -> list[str]:
+        return list(self.tiles.index)
+
+    def zone(self, epsg: int) -> ZonePlan:
+        return next(z for z in self.zones if z.epsg == epsg)
+
+    def layer_uri(self, epsg: int) -> str:
+        p = self.request.patch_size_m
+        return storage.join(self.uri, "embeddings", f"EPSG{epsg}_patch{p:g}m.zarr")
+
+    def preview_uri(self, epsg: int) -> str:
+        return storage.join(self.uri, "preview", f"EPSG{epsg}_pca.png")
+
+    def marker_uri(self, tile_id: str) -> str:
+        return storage.join(self.uri, "tiles", f"{tile_id}.json")
+
+    def tile(self, tile_id: str) -> Tile:
+        row = self.tiles.loc[tile_id]
+        return Tile(int(row["epsg"]), int(row["col"]), int(row["row"]), self.request.tile_size_m)
+
+    def items(self, tile_id: str) -> dict[str, list[pystac.Item]]:
+        """The items of each sensor over the tile (sensors without any are left out), in the
+        order the search gave them (by date)."""
+        row = self.tiles.loc[tile_id]
+        block = _block_items(self.uri, row["block"])
+        return {s: [block[i] for i in row[f"items.{s}"]] for s in self.sensors
+                if len(row[f"items.{s}"])}
+
+
+@lru_cache(maxsize=64)
+def _block_items(uri: str, block: str) -> dict[str, pystac.Item]:
+    raw = json.loads(storage.read_bytes(_items_uri(uri, block)))
+    return {f["id"]: pystac.Item.from_dict(f, preserve_dict=False) for f in raw["features"]}
+
+
+def _items_uri(uri: str, block: str) -> str:
+    return storage.join(uri, "plan", "items", f"{block}.json")
+
+
+def _tiles_uri(uri: str) -> str:
+    return storage.join(uri, "plan", "tiles.parquet")
+
+
+def tile_footprints(zone: ZoneTiles) -> np.ndarray:
+    """Each tile's square as a lon/lat polygon; a tile across the antimeridian becomes the
+    multipolygon of its two sides."""
+    s = zone.size_m
+    corners = np.array([(0, 0), (1, 0), (1, 1), (0, 1), (0, 0)], dtype=float)
+    x = (zone.cols[:, None] + corners[:, 0]) * s
+    y = (zone.rows[:, None] + corners[:, 1]) * s
+    lon, lat = Transformer.from_crs(zone.epsg, 4326, always_xy=True).transform(x, y)
+    crosses = (lon.max(axis=1) - lon.min(axis=1)) > 180
+    lon = np.where(crosses[:, None] & (lon < 0), lon + 360, lon)
+    polygons = shapely.polygons(np.stack([lon, lat], axis=-1))
+    if crosses.any():
+        east = shapely.intersection(polygons[crosses], box(-180, -90, 180, 90))
+        west = shapely.transform(shapely.intersection(polygons[crosses], box(180, -90, 540, 90)),
+                                 lambda xy: xy - [360, 0])
+        polygons[crosses] = shapely.union(east, west)
+    return polygons
+
+
+def _plain_item(item: pystac.Item) -> dict:
+    """An item dict with absolute, unsigned asset hrefs and no links (never followed)."""
+    plain = item.to_dict(include_self_link=False, transform_hrefs=False)
+    plain["links"] = []
+    for key, asset in item.assets.items():
+        plain["assets"][key]["href"] = asset.get_absolute_href() or asset.href
+    return plain
+
+
+def _search_block(request: RegionRequest, specs: list[ModalitySpec], footprints: np.ndarray
+                  ) -> dict[str, list[pystac.Item]]:
+    """One search (per group of sensors, paged) over a block: its tiles' union in lon/lat,
+    as a bbox unless it crosses the antimeridian."""
+    region = shapely.union_all(footprints)
+    west, south, east, north = region.bounds
+    where = region if east - west > 180 else (west, south, east, north)
+    return search_sensors(resolve_provider(request.catalog), specs, where, request.start,
+                          request.end, max_cloud=request.max_cloud)
+
+
+def _zone_blocks(zone: ZoneTiles) -> np.ndarray:
+    return np.array([f"{zone.epsg}_{c}_{r}" for c, r in zip(zone.cols // BLOCK_TILES,
+                                                              zone.rows // BLOCK_TILES)])
+
+
+def _plan_zone(uri: str, request: RegionRequest, specs: list[ModalitySpec], zone: ZoneTiles
+               ) -> pa.Table:
+    """Search each block of the zone once, assign items to tiles by footprint, write each
+    block's items; the zone's rows of the tile table."""
+    footprints = tile_footprints(zone)
+    blocks = _zone_blocks(zone)
+    items_per_tile = {s.name: [[] for _ in range(len(zone))] for s in specs}
+    for block in dict.fromkeys(blocks):
+        members = np.flatnonzero(blocks == block)
+        found = _search_block(request, specs, footprints[members])
+        tree = shapely.STRtree(footprints[members])
+        kept: dict[str, dict] = {}
+        for sensor, items in found.items():
+            geoms = np.array([shape(i.geometry) for i in items], dtype=object)
+            if not len(geoms):
+                continue
+            item_idx, tile_idx = tree.query(geoms, predicate="intersects")
+            for i, t in sorted(zip(item_idx, tile_idx)):  # the search's (date) order per tile
+                items_per_tile[sensor][members[t]].append(items[i].id)
+                kept.setdefault(items[i].id, items[i])
+        collection = {"type": "FeatureCollection", "features": [_plain_item(i) for i in kept.values()]}
+        storage.write_bytes_atomic(_items_uri(uri, block), json.dumps(collection).encode())
+        log.info("block %s: %d tiles, %s", block, len(members),
+                 ", ".join(f"{len(v)} {k} items" for k, v in found.items()))
+    has_items = np.zeros(len(zone), dtype=bool)
+    for lists in items_per_tile.values():
+        has_items |= np.array([bool(x) for x in lists])
+    columns = {
+        "id": [f"{zone.epsg}_{zone.size_m:g}m_{c}_{r}" for c, r in zip(zone.cols, zone.rows)],
+        "epsg": np.full(len(zone), zone.epsg, dtype="int32"),
+        "col": zone.cols.astype("int64"), "row": zone.rows.astype("int64"),
+        "block": blocks, "status": np.where(has_items, "pending", "no-items"),
+        **{f"items.{s}": pa.array(v, type=pa.list_(pa.string())) for s, v in items_per_tile.items()},
+        "geometry": shapely.to_wkb(footprints),
+    }
+    return pa.table(columns)
+
+
+def _geo_metadata(geometry: np.ndarray) -> dict:
+    """GeoParquet 1.1 metadata of a WKB column in lon/lat (no crs given means OGC:CRS84)."""
+    types = sorted({t for t in shapely.get_type_id(geometry)})
+    names = {3: "Polygon", 6: "MultiPolygon"}
+    return {"version": "1.1.0", "primary_column": "geometry",
+            "columns": {"geometry": {"encoding": "WKB",
+                                     "geometry_types": [names[t] for t in types],
+                                     "bbox": list(shapely.total_bounds(geometry))}}}
+
+
+def read_plan(uri: str, request: RegionRequest | None = None) -> RunPlan | None:
+    """The plan saved under an output URI, or None when there is none (yet). `request` gives
+    the run's options that do not change the embeddings (batch size, device); without it
+    they are the defaults."""
+    uri = storage.normalize_uri(uri)
+    plan_uri = storage.join(uri, "plan.json")
+    if not storage.exists(plan_uri):
+        return None
+    saved = json.loads(storage.read_bytes(plan_uri))
+    if saved.get("version") != PLAN_VERSION:
+        raise PlanMismatchError(f"{plan_uri} is a plan of version {saved.get('version')}, this "
+                                f"anysat writes version {PLAN_VERSION}; use another output")
+    fs, path = storage.filesystem(_tiles_uri(uri))
+    with fs.open(path, "rb") as f:
+        tiles = pq.read_table(f).drop(["geometry"]).to_pandas().set_index("id")
+    zones = tuple(ZonePlan(z["epsg"], LayerGrid(**z["grid"]), z["tiles"]) for z in saved["zones"])
+    fields = saved["fingerprint"]
+    if request is None:
+        request = RegionRequest.model_validate(
+            {**{k: fields[k] for k in FINGERPRINT_FIELDS}, "output_uri": uri})
+    return RunPlan(uri, request, fields, saved["hash"], zones, tiles, tuple(fields["sensors"]))
+
+
+@lru_cache(maxsize=4)
+def _cached_plan(uri: str, plan_hash: str) -> RunPlan:
+    plan = read_plan(uri)
+    if plan is None or plan.hash != plan_hash:
+        raise PlanMismatchError(f"the plan under {uri} was removed or replaced during the run")
+    return plan
+
+
+def plan_for_worker(request: RegionRequest, plan_hash: str) -> RunPlan:
+    """The plan a task works from, read once per process, with the run's own options."""
+    return replace(_cached_plan(storage.normalize_uri(request.output_uri), plan_hash),
+                   request=request)
+
+
+def check_same_request(saved: RunPlan, fields: dict) -> None:
+    """Refuse to resume into an output planned for another request, naming each difference."""
+    if saved.hash == fingerprint_hash(fields):
+        return
+    differs = [f"{k}: planned {saved.fingerprint.get(k)!r}, now {fields.get(k)!r}"
+               for k in sorted(set(fields) | set(saved.fingerprint))
+               if saved.fingerprint.get(k) != fields.get(k)]
+    raise PlanMismatchError(
+        f"output {saved.uri} holds a run planned for another request ({'; '.join(differs)}); "
+        "use another output or remove this one (resuming would mix both runs in one layer)")
+
+
+def make_plan(request: RegionRequest, model_sha256: str, dim: int) -> RunPlan:
+    """The plan of a request: the one saved in its output if it is the same request (a
+    resume), else a new one, searched block by block and written. Raises PlanMismatchError
+    if the output holds another request's plan."""
+    specs = request.modality_specs()
+    uri = storage.normalize_uri(request.output_uri)
+    fields = fingerprint(request, specs, model_sha256)
+    saved = read_plan(uri, request)
+    if saved is not None:
+        check_same_request(saved, fields)
+        log.info("resuming the saved plan %s: %d tiles in %d zone(s)", saved.plan_uri,
+                 len(saved.tiles), len(saved.zones))
+        return saved
+    storage.check_writable(uri)
+    zones = [z for z in plan_zones(request.geometry, request.tile_size_m) if len(z)]
+    if not zones:
+        raise OutputNotWritableError("the region covers no tile")  # unreachable for a valid region
+    tables, zone_plans = [], []
+    for zone in zones:
+        log.info("zone EPSG:%d: %d tiles of %g m (%.2f km2), %d searches", zone.epsg, len(zone),
+                 zone.size_m, zone.area_km2, len(set(_zone_blocks(zone))))
+        tables.append(_plan_zone(uri, request, specs, zone))
+        grid = LayerGrid(zone.epsg, zone.size_m, request.patch_size_m, int(zone.cols.min()),
+                         int(zone.rows.max()), int(np.ptp(zone.cols)) + 1,
+                         int(np.ptp(zone.rows)) + 1, dim)
+        zone_plans.append(ZonePlan(zone.epsg, grid, len(zone)))
+    table = pa.concat_tables(tables)
+    geometry = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
+    table = table.replace_schema_metadata({b"geo": json.dumps(_geo_metadata(geometry)).encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes_atomic(_tiles_uri(uri), sink.getvalue().to_pybytes())
+    saved = {
+        "version": PLAN_VERSION, "fingerprint": fields, "hash": fingerprint_hash(fields),
+        "zones": [{"epsg": z.epsg, "tiles": z.tiles, "area_km2": round(z.area_km2, 4),
+                   "grid": asdict(z.grid)} for z in zone_plans],
+        "tiles": "plan/tiles.parquet", "blocks": len(set(table.column("block").to_pylist())),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    storage.write_bytes_atomic(storage.join(uri, "plan.json"), json.dumps(saved, indent=2).encode())
+    plan = read_plan(uri, request)
+    no_items = int((plan.tiles["status"] == "no-items").sum())
+    log.info("planned %d tiles in %d zone(s), %d blocks searched, %d tiles without items -> %s",
+             len(plan.tiles), len(zone_plans), saved["blocks"], no_items, plan.plan_uri)
+    return plan
+
