@@ -33,7 +33,7 @@ from pyproj import Transformer
 from shapely.geometry import box, shape
 
 from . import storage
-from .errors import AnySatError, OutputNotWritableError
+from .errors import AnySatError, RequestError
 from .modalities import ModalitySpec
 from .products.zarr_layer import LayerGrid
 from .request import RegionRequest
@@ -263,10 +263,11 @@ def _cached_plan(uri: str, plan_hash: str) -> RunPlan:
     return plan
 
 
-def plan_for_worker(request: RegionRequest, plan_hash: str) -> RunPlan:
-    """The plan a task works from, read once per process, with the run's own options."""
-    return replace(_cached_plan(storage.normalize_uri(request.output_uri), plan_hash),
-                   request=request)
+def plan_for_worker(request: RegionRequest, plan_hash: str, uri: str | None = None) -> RunPlan:
+    """The plan a task works from (under `uri`, by default the request's output), read once
+    per process, with the run's own options."""
+    uri = storage.normalize_uri(uri or request.output_uri)
+    return replace(_cached_plan(uri, plan_hash), request=request)
 
 
 def check_same_request(saved: RunPlan, fields: dict) -> None:
@@ -281,12 +282,14 @@ def check_same_request(saved: RunPlan, fields: dict) -> None:
         "use another output or remove this one (resuming would mix both runs in one layer)")
 
 
-def make_plan(request: RegionRequest, model_sha256: str, dim: int) -> RunPlan:
-    """The plan of a request: the one saved in its output if it is the same request (a
-    resume), else a new one, searched block by block and written. Raises PlanMismatchError
-    if the output holds another request's plan."""
+def make_plan(request: RegionRequest, model_sha256: str, dim: int, *, uri: str | None = None,
+              zones: list[ZoneTiles] | None = None) -> RunPlan:
+    """The plan of a request, saved under `uri` (default: the request's output): the one
+    saved there if it is the same request (a resume), else a new one, searched block by
+    block and written. Raises PlanMismatchError if `uri` holds another request's plan.
+    `zones` are the tiles (default: the region's, split per UTM zone)."""
     specs = request.modality_specs()
-    uri = storage.normalize_uri(request.output_uri)
+    uri = storage.normalize_uri(uri or request.output_uri)
     fields = fingerprint(request, specs, model_sha256)
     saved = read_plan(uri, request)
     if saved is not None:
@@ -295,9 +298,11 @@ def make_plan(request: RegionRequest, model_sha256: str, dim: int) -> RunPlan:
                  len(saved.tiles), len(saved.zones))
         return saved
     storage.check_writable(uri)
-    zones = [z for z in plan_zones(request.geometry, request.tile_size_m) if len(z)]
+    if zones is None:
+        zones = plan_zones(request.geometry, request.tile_size_m)
+    zones = [z for z in zones if len(z)]
     if not zones:
-        raise OutputNotWritableError("the region covers no tile")  # unreachable for a valid region
+        raise RequestError("the region covers no tile of the grid")
     tables, zone_plans = [], []
     for zone in zones:
         log.info("zone EPSG:%d: %d tiles of %g m (%.2f km2), %d searches", zone.epsg, len(zone),

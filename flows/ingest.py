@@ -22,8 +22,8 @@ from prefect.futures import as_completed  # noqa: E402
 
 from anysat.cli import add_ingest_arguments, attach_negative_values, ingest_request_from_args  # noqa: E402
 from anysat.errors import AnySatError  # noqa: E402
-from anysat.request import DEFAULT_SENSORS  # noqa: E402
-from anysat.tiles import Tile  # noqa: E402
+from anysat.plan import plan_for_worker  # noqa: E402
+from anysat.request import DEFAULT_SENSORS, RegionRequest  # noqa: E402
 from anysat.train import ingest as library  # noqa: E402
 from flows.dask_runner import dask_task_runner  # noqa: E402
 from flows.local_server import prefect_server  # noqa: E402
@@ -34,8 +34,10 @@ finish_ingest = task(library.finish_ingest, name="write-chip-index", cache_polic
 
 
 @task(name="ingest-tile-batch", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
-def ingest_batch(plan: library.IngestPlan, tiles: list[Tile]) -> list[dict]:
-    return library.ingest_tiles(plan, tiles)
+def ingest_batch(request: RegionRequest, plan_uri: str, plan_hash: str, tile_ids: list[str]) -> list[dict]:
+    # workers read the saved plan themselves: a continent's chip table never travels per task
+    run = plan_for_worker(request, plan_hash, plan_uri)
+    return library.ingest_tiles(library.IngestPlan(request, run.request.output_uri, run), tile_ids)
 
 
 @flow(name="ingest", task_runner=dask_task_runner())
@@ -63,7 +65,8 @@ def ingest(
         max_cloud=max_cloud, time_bin=time_bin, cube_backend=cube_backend)
     plan = plan_ingest(request)
     batches = library.tile_batches(plan)
-    futures = ingest_batch.map(unmapped(plan), batches)
+    futures = ingest_batch.map(unmapped(request), unmapped(plan.run.uri), unmapped(plan.run.hash),
+                               batches)
     tiles_of = {f.task_run_id: len(b) for f, b in zip(futures, batches)}
     rows: list[dict] = []
     done = 0

@@ -13,16 +13,19 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 from shapely.geometry import shape
 
 from .. import storage
-from ..cube.batch import load_tile_batch
+from ..cube.batch import load_items_batch, load_tile_batch
 from ..errors import NoItemsError
-from ..request import RegionRequest
-from ..stac import resolve_provider, search_sensors
-from ..tiles import Tile, plan_zones, zone_tiles
 from ..modalities import ModalitySpec
+from ..plan import RunPlan, fingerprint, fingerprint_hash, make_plan
+from ..stac import resolve_provider
 from ..stac.providers import Provider
+from ..stac.signing import url_signer
+from ..request import RegionRequest
+from ..tiles import Tile, ZoneTiles, plan_zones, zone_tiles
 from .chips import chip_record, write_chip, write_index
 
 log = logging.getLogger("anysat")
@@ -32,11 +35,15 @@ log = logging.getLogger("anysat")
 class IngestPlan:
     request: RegionRequest      # tile_size_m is the chip size
     store_uri: str
-    tiles: tuple[Tile, ...]
+    run: RunPlan                # the saved plan: chips to write and each one's items
 
     @property
     def area_km2(self) -> float:
-        return sum(t.area_km2 for t in self.tiles)
+        return self.run.area_km2
+
+    @property
+    def tiles(self) -> list[str]:
+        return self.run.tile_ids
 
 
 def ingest_request(chip_size_m: float, store_uri: str, **fields) -> RegionRequest:
@@ -47,7 +54,7 @@ def ingest_request(chip_size_m: float, store_uri: str, **fields) -> RegionReques
     return request
 
 
-def chip_tiles(request: RegionRequest) -> list[Tile]:
+def chip_zones(request: RegionRequest) -> list[ZoneTiles]:
     """The chip grid's tiles over the region, split per UTM zone (training regions are often
     scattered over a continent). A GeoJSON feature with an `epsg` property is planned in
     that zone only (e.g. the zone its data come in, so nothing is resampled)."""
@@ -57,50 +64,59 @@ def chip_tiles(request: RegionRequest) -> list[Tile]:
     for geometry, epsg in ([(shape(f["geometry"]), (f.get("properties") or {}).get("epsg"))
                             for f in features] if features else [(request.geometry, None)]):
         zones += [zone_tiles(geometry, size, int(epsg))] if epsg else plan_zones(geometry, size)
-    tiles: dict[str, Tile] = {}
-    for zone in zones:
-        for tile in zone.tiles():
-            tiles.setdefault(tile.id, tile)
-    return list(tiles.values())
+    merged = []
+    for epsg in sorted({z.epsg for z in zones}):  # features may share tiles: each chip once
+        cells = np.concatenate([np.stack([z.cols, z.rows], axis=1) for z in zones if z.epsg == epsg])
+        _, first = np.unique(cells, axis=0, return_index=True)
+        cells = cells[np.sort(first)]
+        merged.append(ZoneTiles(epsg, size, cells[:, 0], cells[:, 1]))
+    return merged
 
 
 def plan_ingest(request: RegionRequest) -> IngestPlan:
-    """Check the store is writable and that some sensor has items, then list the chips."""
+    """Check the store is writable, plan the chips and their items (saved in the store under
+    plans/<hash>/, so that a rerun of the same ingest resumes from it) and check that some
+    chip has items."""
     specs = request.modality_specs()
     store = storage.normalize_uri(request.output_uri)
     storage.check_writable(store)
-    provider = resolve_provider(request.catalog)
-    found = search_sensors(provider, specs, request.search_region, request.start, request.end,
-                           max_cloud=request.max_cloud)
-    if not any(found.values()):
-        raise NoItemsError(f"{provider.name} has no items of {[s.name for s in specs]} in "
+    key = fingerprint_hash(fingerprint(request, specs, ""))[:16]
+    run = make_plan(request, "", 0, uri=storage.join(store, "plans", key),
+                    zones=chip_zones(request))
+    if (run.tiles["status"] == "no-items").all():
+        raise NoItemsError(f"{request.catalog} has no items of {[s.name for s in specs]} in "
                            f"{request.search_region} between {request.start} and {request.end}")
-    for spec in specs:
-        log.info("%s: %d items in %s", spec.name, len(found[spec.name]), provider.name)
-    tiles = chip_tiles(request)
-    plan = IngestPlan(request, store, tuple(tiles))
-    log.info("planned %d chips of %g m (%.2f km2) -> %s", len(tiles), request.tile_size_m,
+    plan = IngestPlan(request, store, run)
+    log.info("planned %d chips of %g m (%.2f km2) -> %s", len(run.tiles), request.tile_size_m,
              plan.area_km2, store)
     return plan
 
 
-def ingest_tiles(plan: IngestPlan, tiles: list[Tile]) -> list[dict]:
+def ingest_tiles(plan: IngestPlan, tile_ids: list[str]) -> list[dict]:
     """Write the chips of some tiles (complete ones skipped); their index rows."""
     request = plan.request
     provider, specs = resolve_provider(request.catalog), request.modality_specs()
+    signer = url_signer(provider)
     rows = []
-    for tile in tiles:
-        row = ingest_tile(provider, specs, tile, request.start, request.end, plan.store_uri,
-                          max_cloud=request.max_cloud, time_bin=request.time_bin,
-                          backend=request.cube_backend)
+    for tile_id in tile_ids:
+        tile = plan.run.tile(tile_id)
+        done = chip_record(plan.store_uri, tile.id)
+        if done is not None:
+            rows.append({**done, "skipped": True})
+            continue
+        batch, dates = load_items_batch(plan.run.items(tile_id), specs, tile,
+                                        naming=provider.naming, patch_url=signer,
+                                        time_bin=request.time_bin, backend=request.cube_backend)
+        row = _write_chip(plan.store_uri, tile, batch, dates, specs, request.start, request.end,
+                          provider)
         if row is not None:
             rows.append(row)
     return rows
 
 
-def tile_batches(plan: IngestPlan) -> list[list[Tile]]:
-    n = plan.request.tiles_per_batch
-    return [list(plan.tiles[i:i + n]) for i in range(0, len(plan.tiles), n)]
+def tile_batches(plan: IngestPlan) -> list[list[str]]:
+    n, ids = plan.request.tiles_per_batch, plan.tiles
+    return [ids[i:i + n] for i in range(0, len(ids), n)]
 
 
 def finish_ingest(plan: IngestPlan, rows: list[dict], seconds: float) -> dict:
@@ -131,16 +147,9 @@ def run_ingest(request: RegionRequest) -> dict:
     return finish_ingest(plan, rows, time.perf_counter() - started)
 
 
-def ingest_tile(provider: Provider, specs: list[ModalitySpec], tile: Tile, start: dt.date,
-                end: dt.date, store_uri: str, *, max_cloud: float | None = None,
-                time_bin: str | None = None, backend: str = "odc-stac") -> dict | None:
-    """Load and write one chip; a complete chip already in the store is kept (its row is
-    returned with `skipped`). None when no sensor has data over the tile."""
-    done = chip_record(store_uri, tile.id)
-    if done is not None:
-        return {**done, "skipped": True}
-    batch, dates = load_tile_batch(provider, specs, tile, start, end, max_cloud=max_cloud,
-                                   time_bin=time_bin, backend=backend)
+def _write_chip(store_uri: str, tile: Tile, batch: dict, dates: dict, specs: list[ModalitySpec],
+                start: dt.date, end: dt.date, provider: Provider) -> dict | None:
+    """Write a loaded tile as a chip; None when no sensor has valid pixels over it."""
     if not batch or not any(bool(batch[f"{s.name}_mask"].any()) for s in specs if s.name in batch):
         log.info("tile %s: no sensor has valid pixels, no chip", tile.id)
         return None
@@ -149,6 +158,19 @@ def ingest_tile(provider: Provider, specs: list[ModalitySpec], tile: Tile, start
                                                         "catalog": catalog})
     log.info("chip %s: dates %s, %.3f km2", tile.id, dates, tile.area_km2)
     return record
+
+
+def ingest_tile(provider: Provider, specs: list[ModalitySpec], tile: Tile, start: dt.date,
+                end: dt.date, store_uri: str, *, max_cloud: float | None = None,
+                time_bin: str | None = None, backend: str = "odc-stac") -> dict | None:
+    """Search, load and write one chip, without a plan; a complete chip already in the
+    store is kept (its row is returned with `skipped`). None when no sensor has data."""
+    done = chip_record(store_uri, tile.id)
+    if done is not None:
+        return {**done, "skipped": True}
+    batch, dates = load_tile_batch(provider, specs, tile, start, end, max_cloud=max_cloud,
+                                   time_bin=time_bin, backend=backend)
+    return _write_chip(store_uri, tile, batch, dates, specs, start, end, provider)
 
 
 def write_chips(provider: Provider, specs: list[ModalitySpec], tiles: list[Tile], start: dt.date,

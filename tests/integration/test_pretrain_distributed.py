@@ -61,6 +61,9 @@ def test_ingest_rerun_skips_complete_chips_and_keeps_the_index(chips):
     assert list(index.columns[:5]) == ["id", "epsg", "bounds", "size_m", "sensors"]
     assert set(index.sensors.iloc[0]) == {"sentinel-2-l2a", "sentinel-1", "copernicus-dem"}
     assert json.loads(index.shapes.iloc[0])["sentinel-2-l2a"] == [12, 9, 24, 24]
+    # the ingest's saved plan (chips and their items) is reused, not made again
+    plans = list((Path(chips) / "plans").glob("*/plan.json"))
+    assert len(plans) == 1 and json.loads(plans[0].read_text())["zones"][0]["tiles"] == 25
 
 
 def test_two_ranks_stay_identical_read_disjoint_chips_and_learn(chips, tmp_path):
