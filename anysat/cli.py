@@ -198,7 +198,7 @@ def run_embed_points(args: argparse.Namespace) -> None:
 
 # End-to-end km2/s of `benchmarks/embed_region.py` (demo checkpoint, S2 + S1 + DEM, 30 m
 # patches) on a 2-core CPU: what `plan --estimate` assumes unless told otherwise.
-MEASURED_KM2_PER_S = 0.32  # 2026-11-26: 9 tiles of 600 m, 3.24 km2 in 10.3 s
+MEASURED_KM2_PER_S = 0.5  # 2026-11-26: 64 tiles of 600 m, 23.04 km2 in 41-46 s
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,7 @@
 """Cube loading throughput: odc-stac and stackstac against plain rasterio windowed reads.
 
-Reads the same local COGs tile by tile (the way the pipeline does) and prints one JSON line per
+Reads the same local COGs tile by tile (the way the pipeline does; `odc-stac-eager` is the
+pipeline's path: no Dask graph, read into numpy at once) and prints one JSON line per
 case and backend: case, backend, tiles, mb, seconds, mb_per_s, peak_rss_mb (each in a fresh
 process, so the peak is that case's). MB counts the raw pixels delivered (uint16: 2 bytes).
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-BACKENDS = ("odc-stac", "stackstac", "rasterio")
+BACKENDS = ("odc-stac", "odc-stac-eager", "stackstac", "rasterio")
 DEMO_JUNE = Path(__file__).resolve().parents[1] / "catalogs/demo/sentinel-2-l2a/S2-L2A-DEMO-20210601"
 BANDS = ("B02", "B03", "B04", "B08")
 ITEM_PX, GRID, DATES, TILE_M = 1000, 2, 6, 1280.0
@@ -139,7 +140,9 @@ def run_case(case: str, backend: str, items_path: str | None) -> dict:
         if backend == "rasterio":
             cube = _rasterio_tile(items, spec.asset_keys(naming), tile, spec)
         else:
-            cube = read_cube(load_cube(items, spec, tile.geobox(10), naming=naming, backend=backend)).values
+            cube = read_cube(load_cube(items, spec, tile.geobox(10), naming=naming,
+                                       backend=backend.removesuffix("-eager"),
+                                       lazy=not backend.endswith("-eager"))).values
         pixels += cube.size
     seconds = time.perf_counter() - started
     mb = pixels * 2 / 1e6

@@ -1,57 +1,160 @@
-"""Throughput of the embed-region pipeline (CLI path, no Prefect) on the demo catalog.
+"""Throughput and memory of the embed-region pipeline (CLI path, no Prefect), end to end
+against forward only, as the number of tiles grows.
 
-Prints one JSON line per case: case, batch_size (tiles per forward), tiles, area_km2,
-seconds, seconds_per_tile, km2_per_s, peak_rss_mb. Runs on CPU, or on GPU with --device cuda
-(the model only; I/O stays on CPU).
+The demo catalog's real pixels (S2 L2A, S1, DEM over 1 km2) are repeated into a static
+catalog of up to 5 x 5 km (every asset's COG tiled, the items' footprints and projection
+fields updated), and regions of 1, 4, 16 and 64 tiles of 600 m are embedded from it with
+the shipped checkpoint, S2 + S1 + DEM, 30 m patches. Each case runs in a fresh process (so
+`peak_rss_mb` is that case's) and prints one JSON line: case, tiles, batch_size (tiles per
+forward), device, dtype, area_km2, seconds, km2_per_s (end to end: plan, reads, forward,
+writes), model_km2_per_s (the forward alone, on the same tiles' batches, same batch size),
+peak_rss_mb.
 
-    .venv/bin/python benchmarks/embed_region.py [--device cpu|cuda] [--dtype bf16] [--batch-sizes 1 4]
+    .venv/bin/python benchmarks/embed_region.py [--tiles 1 4 16 64] [--batch-sizes 1 4 16]
+        [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--model demo|base|...]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import logging
+import math
 import resource
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-import torch
+import numpy as np
 
-from anysat.cli import DEMO_BBOX, DEMO_DATES
-from anysat.pipeline import get_model, run_region
-from anysat.request import RegionRequest
+DEMO = Path(__file__).resolve().parents[1] / "catalogs" / "demo"
+TILE_M = 600.0
+COL0, ROW0 = 1107, 9352  # the first whole 600 m tile inside the demo's square kilometre
+REPEATS = 5              # the demo's 1 km repeated 5 x 5: room for 8 x 8 tiles of 600 m
 
-CASES = {
-    "demo_s2_s1_dem_patch30": dict(sensors=("s2", "s1", "dem"), patch_size_m=30.0),
-    "demo_s2_s1_patch20": dict(sensors=("s2", "s1"), patch_size_m=20.0),
-    "demo_s2_patch10": dict(sensors=("s2",), patch_size_m=10.0),
-}
+
+def make_catalog(folder: Path) -> Path:
+    """A copy of the demo catalog whose every asset is its real pixels tiled REPEATS times."""
+    import pystac
+    import rasterio
+    from pyproj import Transformer
+
+    shutil.copytree(DEMO, folder, dirs_exist_ok=True)
+    catalog = pystac.Catalog.from_file(str(folder / "catalog.json"))
+    for item in catalog.get_items(recursive=True):
+        for asset in item.assets.values():
+            path = asset.get_absolute_href()
+            if not path.endswith(".tif"):
+                continue
+            with rasterio.open(path) as src:
+                pixels, profile = src.read(), src.profile
+            tiled = np.tile(pixels, (1, REPEATS, REPEATS))
+            profile.update(driver="COG", width=tiled.shape[2], height=tiled.shape[1],
+                           compress="deflate", blocksize=512)
+            profile.pop("blockxsize", None), profile.pop("blockysize", None), profile.pop("tiled", None)
+            with rasterio.open(path, "w", **profile) as dst:
+                dst.write(tiled)
+            shape, transform = tiled.shape[1:], profile["transform"]
+        west, north = transform.c, transform.f
+        east, south = west + shape[1] * transform.a, north + shape[0] * transform.e
+        item.properties.update({"proj:shape": list(shape), "proj:bbox": [west, south, east, north]})
+        to_ll = Transformer.from_crs(item.properties["proj:code"], 4326, always_xy=True)
+        ring = [to_ll.transform(x, y) for x, y in
+                ((west, south), (east, south), (east, north), (west, north), (west, south))]
+        item.geometry = {"type": "Polygon", "coordinates": [ring]}
+        lons, lats = zip(*ring)
+        item.bbox = [min(lons), min(lats), max(lons), max(lats)]
+    catalog.save()
+    return folder / "catalog.json"
+
+
+def region(tiles: int) -> dict:
+    """A GeoJSON polygon over k x k whole tiles of the grid (inset 1 m, so no neighbour)."""
+    from pyproj import Transformer
+
+    k = int(math.isqrt(tiles))
+    x0, y1 = COL0 * TILE_M + 1, (ROW0 + 1) * TILE_M - 1
+    x1, y0 = (COL0 + k) * TILE_M - 1, (ROW0 + 1 - k) * TILE_M + 1
+    to_ll = Transformer.from_crs(32631, 4326, always_xy=True)
+    ring = [to_ll.transform(x, y) for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0))]
+    return {"type": "Polygon", "coordinates": [ring]}
+
+
+def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str, model: str) -> dict:
+    import torch
+
+    from anysat.cli import DEMO_DATES
+    from anysat.cube.batch import load_items_batch
+    from anysat.batch import stack_samples
+    from anysat.pipeline import get_model, run_region
+    from anysat.plan import read_plan
+    from anysat.request import RegionRequest
+    from anysat.stac import resolve_provider
+
+    logging.disable(logging.WARNING)  # the generated catalog has no cloud-mask asset
+    with tempfile.TemporaryDirectory() as out:
+        request = RegionRequest.build(geojson=region(tiles), start=DEMO_DATES[0], end=DEMO_DATES[1],
+                                      catalog=catalog, output_uri=out, model=model,
+                                      batch_size=batch_size, device=device, dtype=dtype,
+                                      tiles_per_batch=max(batch_size, 16))
+        net = get_model(request.model, request.sensors, request.device)  # loaded before timing
+        started = time.perf_counter()
+        manifest = run_region(request)
+        seconds = time.perf_counter() - started
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the run's own
+        assert manifest["tiles"] == tiles, manifest["tiles"]
+        # the forward alone, on the same tiles, batched the same way (reads not timed)
+        plan, provider, specs = read_plan(out, request), resolve_provider(catalog), request.modality_specs()
+        cast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+        forward = 0.0
+        for i in range(0, tiles, batch_size):
+            samples = [load_items_batch(plan.items(t), specs, plan.tile(t), naming=provider.naming)[0]
+                       for t in plan.tile_ids[i:i + batch_size]]
+            batch = {k: v.to(device) for k, v in stack_samples(samples).items()}
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            begun = time.perf_counter()
+            with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype=cast,
+                                                        enabled=cast is not None):
+                net(batch, request.patch_size_m, output="patch").float().cpu()
+            forward += time.perf_counter() - begun
+    area = manifest["area_km2"]
+    return {"case": f"demo_repeated_{tiles}_tiles", "tiles": tiles, "batch_size": batch_size,
+            "device": device, "dtype": dtype, "model": model, "area_km2": area,
+            "torch_threads": torch.get_num_threads(), "seconds": round(seconds, 2),
+            "km2_per_s": round(area / seconds, 4), "model_km2_per_s": round(area / forward, 4),
+            "peak_rss_mb": round(peak_rss_mb, 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiles", type=int, nargs="+", default=[1, 4, 16, 64],
+                        help="square numbers up to 64")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4], help="tiles per forward")
+    parser.add_argument("--model", default="demo", help="demo (the shipped checkpoint) or a size")
+    parser.add_argument("--one", nargs=2, metavar=("CATALOG", "TILES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    for (case, fields), batch_size in itertools.product(CASES.items(), args.batch_sizes):
-        with tempfile.TemporaryDirectory() as out:
-            request = RegionRequest.build(bbox=DEMO_BBOX, start=DEMO_DATES[0], end=DEMO_DATES[1],
-                                          output_uri=out, batch_size=batch_size, device=args.device,
-                                          dtype=args.dtype, tiles_per_batch=9, **fields)
-            get_model(request.model, request.sensors, request.device)  # loaded before timing
-            started = time.perf_counter()
-            manifest = run_region(request)
-            seconds = time.perf_counter() - started
-        print(json.dumps({
-            "case": case, "batch_size": batch_size, "device": args.device, "dtype": args.dtype,
-            "torch_threads": torch.get_num_threads(),
-            "tiles": manifest["tiles"], "area_km2": manifest["area_km2"],
-            "seconds": round(seconds, 2), "seconds_per_tile": round(seconds / manifest["tiles"], 3),
-            "km2_per_s": round(manifest["area_km2"] / seconds, 4),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        }), flush=True)
+    if args.one:
+        catalog, tiles = args.one
+        print(json.dumps(run_case(catalog, int(tiles), args.batch_sizes[0], args.device,
+                                  args.dtype, args.model)), flush=True)
+        return
+    if any(math.isqrt(n) ** 2 != n or n > 64 for n in args.tiles):
+        parser.error("--tiles must be square numbers up to 64")
+    with tempfile.TemporaryDirectory() as folder:
+        catalog = str(make_catalog(Path(folder)))
+        for tiles in args.tiles:
+            for batch_size in args.batch_sizes:
+                if batch_size > tiles and batch_size != args.batch_sizes[0]:
+                    continue  # a batch larger than the run is the run
+                subprocess.run([sys.executable, __file__, "--one", catalog, str(tiles),
+                                "--batch-sizes", str(batch_size), "--device", args.device,
+                                "--dtype", args.dtype, "--model", args.model], check=True)
 
 
 if __name__ == "__main__":

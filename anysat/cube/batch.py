@@ -36,7 +36,7 @@ def load_items_batch(items: dict[str, Sequence[pystac.Item]], specs: list[Modali
         if not items.get(spec.name):
             continue
         cube = load_cube(items[spec.name], spec, tile.geobox(spec.gsd_m), naming=naming,
-                         patch_url=patch_url, backend=backend)
+                         patch_url=patch_url, backend=backend, lazy=False)
         if time_bin and spec.time_series:
             cube = bin_time(cube, time_bin)
         cube = read_cube(cube)

@@ -19,8 +19,9 @@ def pca_rgb(embeddings: np.ndarray) -> np.ndarray:
     rgba = np.zeros((h * w, 4), dtype=np.uint8)
     if valid.sum() >= 2:
         x = flat[valid] - flat[valid].mean(axis=0)
-        _, _, vt = np.linalg.svd(x, full_matrices=False)
-        comps = x @ vt[:3].T
+        # principal axes from the D x D covariance (an SVD of x would build an N x D matrix)
+        _, axes = np.linalg.eigh((x.T @ x).astype(np.float64))
+        comps = x @ axes[:, ::-1][:, :3].astype(x.dtype)
         comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
         lo, hi = np.percentile(comps, [2, 98], axis=0)
         scaled = np.clip((comps - lo) / np.where(hi > lo, hi - lo, 1), 0, 1)

@@ -8,6 +8,7 @@ import numpy as np
 import pystac
 import pytest
 import rasterio
+import xarray as xr
 from shapely.geometry import box
 
 from anysat.cube import bin_time, load_cube, read_cube
@@ -26,6 +27,15 @@ SHARED_STAC = DEMO_CATALOG.parents[2] / "shared" / "data" / "stac"
 
 def demo_items(name):
     return search_items(resolve_provider("demo"), SPECS[name], DEMO_BBOX, START, END)
+
+
+@pytest.mark.parametrize("name", ["sentinel-2-l2a", "sentinel-1", "copernicus-dem"])
+def test_a_cube_read_at_once_equals_the_lazy_one(name):
+    spec = SPECS[name]
+    lazy = read_cube(load_cube(demo_items(name), spec, TILE.geobox(spec.gsd_m), naming="demo"))
+    eager = load_cube(demo_items(name), spec, TILE.geobox(spec.gsd_m), naming="demo", lazy=False)
+    assert eager.chunks is None                        # numpy, no Dask graph
+    xr.testing.assert_identical(eager, lazy)
 
 
 @pytest.mark.parametrize("name,tolerance", [("sentinel-2-l2a", 0), ("sentinel-1", 0),
