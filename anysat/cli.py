@@ -53,6 +53,12 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--quantize", default="none", choices=["none", "int8"],
+                        help="int8: layers a quarter of the size (a per-pixel scale; the rule is "
+                             "in the layer's attributes)")
+    parser.add_argument("--products", default="",
+                        help="comma-separated, besides the layer and its preview: cog (a GeoTIFF "
+                             "per block of tiles), vectors (GeoParquet of patches and tiles)")
 
 
 def _read_geojson(path: str | None) -> dict | None:
@@ -82,7 +88,8 @@ def request_from_args(args: argparse.Namespace) -> RegionRequest:
     return RegionRequest.build(**region_fields(args), patch_size_m=args.patch_size_m,
                                tile_size_m=args.tile_size_m, output_uri=args.output,
                                model=args.model, batch_size=args.batch_size, device=args.device,
-                               dtype=args.dtype)
+                               dtype=args.dtype, quantize=args.quantize,
+                               products=tuple(p.strip() for p in args.products.split(",") if p.strip()))
 
 
 def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
@@ -244,6 +251,26 @@ def estimate_plan(args: argparse.Namespace) -> None:
                       "device_hours": round(area / args.km2_per_s / 3600, 2)}))
 
 
+def add_similar_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--layer", help="an embedding layer (Zarr) URI")
+    source.add_argument("--vectors", help="a patch GeoParquet URI (`--products vectors`)")
+    parser.add_argument("--point", type=_floats, required=True, help="lon,lat of the query patch")
+    parser.add_argument("-k", type=int, default=10, help="how many patches")
+
+
+def run_similar(args: argparse.Namespace) -> None:
+    from .products.vectors import similar_in_layer, similar_in_vectors
+
+    if len(args.point) != 2:
+        raise AnySatError(f"--point takes lon,lat; got {len(args.point)} numbers")
+    lon, lat = args.point
+    found = (similar_in_layer(args.layer, lon, lat, args.k) if args.layer
+             else similar_in_vectors(args.vectors, lon, lat, args.k))
+    for row in found:
+        print(json.dumps(row))
+
+
 def run_ingest(args: argparse.Namespace) -> None:
     from .train.ingest import run_ingest
 
@@ -276,11 +303,11 @@ def run_pretrain(args: argparse.Namespace) -> None:
 
 
 def attach_negative_values(argv: list[str]) -> list[str]:
-    """`--bbox -10,35,30,70` as `--bbox=-10,...`: argparse takes a value that starts with a
-    minus sign (any western bbox) for an option otherwise."""
+    """`--bbox -10,35,30,70` as `--bbox=-10,...` (and `--point`): argparse takes a value that
+    starts with a minus sign (any western place) for an option otherwise."""
     out, i = [], 0
     while i < len(argv):
-        if argv[i] == "--bbox" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+        if argv[i] in ("--bbox", "--point") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
             out.append(f"--bbox={argv[i + 1]}")
             i += 2
         else:
@@ -301,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
              add_points_arguments, run_embed_points),
             ("plan", "plan a run (tiles per UTM zone, items per tile) and save it under the "
                      "output; --estimate only counts tiles", add_plan_arguments, run_plan),
+            ("similar", "the patches most like a place (cosine similarity), over a layer or "
+                        "patch vectors", add_similar_arguments, run_similar),
             ("ingest", "write training chips of a region and dates to a chip store",
              add_ingest_arguments, run_ingest),
             ("pretrain", "JEPA pretraining from chip stores (torchrun DDP with --nproc > 1), "

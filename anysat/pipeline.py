@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from . import storage
+from . import geoparquet, storage
 from .batch import stack_samples
 from .cube.batch import load_items_batch
 from .errors import CheckpointError, NoItemsError
@@ -29,7 +29,9 @@ from .model.checkpoint import weights_sha256
 from .modalities import resolve_sensors
 from .plan import RunPlan, make_plan
 from .products import create_layer, write_pca_preview, write_tile
-from .products.zarr_layer import read_layer
+from .products.cog import export_cogs
+from .products.vectors import layer_vectors
+from .products.zarr_layer import embeddings, read_layer
 from .request import RegionRequest
 from .stac import resolve_provider
 from .stac.search import no_items_message
@@ -176,14 +178,17 @@ def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
         raise RuntimeError(f"{len(missing)} tiles not done ({missing[:3]}...); rerun to resume")
     layers = []
     for zone in plan.zones:
-        layer = read_layer(plan.layer_uri(zone.epsg))["embedding"]
-        step = max(1, int(np.ceil(max(layer.shape[:2]) / 2048)))  # a continent's preview stays small
-        width, height = write_pca_preview(layer[::step, ::step].values, plan.preview_uri(zone.epsg))
+        layer = read_layer(plan.layer_uri(zone.epsg))
+        step = max(1, int(np.ceil(max(layer["embedding"].shape[:2]) / 2048)))  # a continent's stays small
+        width, height = write_pca_preview(embeddings(layer, slice(None, None, step),
+                                                     slice(None, None, step)),
+                                          plan.preview_uri(zone.epsg))
         in_zone = [r for r in results if r["tile"].startswith(f"{zone.epsg}_")]
         layers.append({"epsg": zone.epsg, "layer": plan.layer_uri(zone.epsg),
                        "preview": plan.preview_uri(zone.epsg), "tiles": zone.tiles,
                        "area_km2": round(zone.area_km2, 4),
-                       "patches_with_data": sum(r["valid_patches"] for r in in_zone)})
+                       "patches_with_data": sum(r["valid_patches"] for r in in_zone),
+                       **write_products(plan, zone.epsg)})
         log.info("EPSG:%d: layer %s, preview %s (%dx%d px)", zone.epsg, plan.layer_uri(zone.epsg),
                  plan.preview_uri(zone.epsg), width, height)
     manifest = {
@@ -198,6 +203,35 @@ def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
     storage.write_bytes_atomic(plan.manifest_uri, json.dumps(manifest, indent=2).encode())
     log.info("wrote %d layer(s) and the manifest %s", len(layers), plan.manifest_uri)
     return manifest
+
+
+def write_products(plan: RunPlan, epsg: int) -> dict:
+    """The products a run asks for besides the layer (`request.products`), for one zone;
+    their URIs and the seconds each took."""
+    products, seconds = {}, {}
+    tiles = plan.tiles[plan.tiles["epsg"] == epsg]
+    layer = plan.layer_uri(epsg)
+    if "cog" in plan.request.products:
+        started = time.perf_counter()
+        blocks = {name: (group["col"].to_numpy(), group["row"].to_numpy())
+                  for name, group in tiles.groupby("block")}
+        products["cogs"] = export_cogs(layer, blocks, storage.join(plan.uri, "cogs", f"EPSG{epsg}"))
+        seconds["cog"] = round(time.perf_counter() - started, 3)
+    if "vectors" in plan.request.products:
+        started = time.perf_counter()
+        request = plan.request
+        meta = {"start": request.start, "end": request.end, "model": request.model,
+                "model_sha256": plan.fingerprint["model_sha256"]}
+        patches, tile_rows = layer_vectors(
+            layer, list(zip(tiles.index, tiles["col"], tiles["row"])), meta)
+        products["vectors"] = {kind: storage.join(plan.uri, "vectors", f"EPSG{epsg}_{kind}.parquet")
+                               for kind in ("patches", "tiles")}
+        geoparquet.write(patches, products["vectors"]["patches"])
+        geoparquet.write(tile_rows, products["vectors"]["tiles"])
+        seconds["vectors"] = round(time.perf_counter() - started, 3)
+    if seconds:
+        log.info("EPSG:%d products: %s", epsg, ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    return {**products, "product_seconds": seconds}
 
 
 def run_region(request: RegionRequest) -> dict:

@@ -26,13 +26,12 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pystac
 import shapely
 from pyproj import Transformer
 from shapely.geometry import box, shape
 
-from . import storage
+from . import geoparquet, storage
 from .errors import AnySatError, RequestError
 from .modalities import ModalitySpec
 from .products.zarr_layer import LayerGrid
@@ -47,7 +46,7 @@ BLOCK_TILES = 16  # a block is up to 16 x 16 tiles of one zone's grid, searched 
 # What the embeddings depend on; batch sizes, device and output location do not.
 FINGERPRINT_FIELDS = ("bbox", "geojson", "start", "end", "sensors", "patch_size_m",
                       "tile_size_m", "catalog", "model", "max_cloud", "time_bin",
-                      "cube_backend", "dtype")
+                      "cube_backend", "dtype", "quantize")
 
 
 class PlanMismatchError(AnySatError):
@@ -217,19 +216,8 @@ def _plan_zone(uri: str, request: RegionRequest, specs: list[ModalitySpec], zone
         "col": zone.cols.astype("int64"), "row": zone.rows.astype("int64"),
         "block": blocks, "status": np.where(has_items, "pending", "no-items"),
         **{f"items.{s}": pa.array(v, type=pa.list_(pa.string())) for s, v in items_per_tile.items()},
-        "geometry": shapely.to_wkb(footprints),
     }
-    return pa.table(columns)
-
-
-def _geo_metadata(geometry: np.ndarray) -> dict:
-    """GeoParquet 1.1 metadata of a WKB column in lon/lat (no crs given means OGC:CRS84)."""
-    types = sorted({t for t in shapely.get_type_id(geometry)})
-    names = {3: "Polygon", 6: "MultiPolygon"}
-    return {"version": "1.1.0", "primary_column": "geometry",
-            "columns": {"geometry": {"encoding": "WKB",
-                                     "geometry_types": [names[t] for t in types],
-                                     "bbox": list(shapely.total_bounds(geometry))}}}
+    return geoparquet.with_geometry(columns, footprints)
 
 
 def read_plan(uri: str, request: RegionRequest | None = None) -> RunPlan | None:
@@ -244,9 +232,7 @@ def read_plan(uri: str, request: RegionRequest | None = None) -> RunPlan | None:
     if saved.get("version") != PLAN_VERSION:
         raise PlanMismatchError(f"{plan_uri} is a plan of version {saved.get('version')}, this "
                                 f"anysat writes version {PLAN_VERSION}; use another output")
-    fs, path = storage.filesystem(_tiles_uri(uri))
-    with fs.open(path, "rb") as f:
-        tiles = pq.read_table(f).drop(["geometry"]).to_pandas().set_index("id")
+    tiles = geoparquet.read(_tiles_uri(uri)).drop(["geometry"]).to_pandas().set_index("id")
     zones = tuple(ZonePlan(z["epsg"], LayerGrid(**z["grid"]), z["tiles"]) for z in saved["zones"])
     fields = saved["fingerprint"]
     if request is None:
@@ -310,14 +296,13 @@ def make_plan(request: RegionRequest, model_sha256: str, dim: int, *, uri: str |
         tables.append(_plan_zone(uri, request, specs, zone))
         grid = LayerGrid(zone.epsg, zone.size_m, request.patch_size_m, int(zone.cols.min()),
                          int(zone.rows.max()), int(np.ptp(zone.cols)) + 1,
-                         int(np.ptp(zone.rows)) + 1, dim)
+                         int(np.ptp(zone.rows)) + 1, dim,
+                         "int8" if request.quantize == "int8" else "float32")
         zone_plans.append(ZonePlan(zone.epsg, grid, len(zone)))
-    table = pa.concat_tables(tables)
+    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
     geometry = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
-    table = table.replace_schema_metadata({b"geo": json.dumps(_geo_metadata(geometry)).encode()})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    storage.write_bytes_atomic(_tiles_uri(uri), sink.getvalue().to_pybytes())
+    columns = {name: table.column(name) for name in table.column_names if name != "geometry"}
+    geoparquet.write(geoparquet.with_geometry(columns, geometry), _tiles_uri(uri))
     saved = {
         "version": PLAN_VERSION, "fingerprint": fields, "hash": fingerprint_hash(fields),
         "zones": [{"epsg": z.epsg, "tiles": z.tiles, "area_km2": round(z.area_km2, 4),

@@ -40,6 +40,8 @@ class RegionRequest(BaseModel):
     max_cloud: float | None = Field(default=None, ge=0, le=100)  # scene cloud cover, %
     time_bin: str | None = None  # median per period, a pandas offset alias ("MS" = monthly)
     cube_backend: Literal["odc-stac", "stackstac"] = "odc-stac"
+    quantize: Literal["none", "int8"] = "none"  # int8: a quarter of the size, per-pixel scale
+    products: tuple[Literal["cog", "vectors"], ...] = ()  # besides the layer and preview
 
     @model_validator(mode="after")
     def _check(self) -> RegionRequest:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -62,3 +63,15 @@ def check_writable(uri: str) -> None:
     except Exception as exc:  # noqa: BLE001 - any backend error means "not writable"
         reason = str(exc) or type(exc).__name__
         raise OutputNotWritableError(f"cannot write to output {uri}: {reason}") from None
+
+
+def put_file_atomic(local_path: str, uri: str) -> None:
+    """Publish a finished local file at `uri` (a rename locally; one PUT on object stores)."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        shutil.copyfile(local_path, tmp)
+        os.replace(tmp, path)
+    else:
+        fs.put_file(local_path, path)

@@ -1,4 +1,5 @@
-"""The embedding layer: a Zarr v3 store per UTM zone, dims (y, x, band), one chunk per tile."""
+"""The embedding layer: a Zarr v3 store per UTM zone, dims (y, x, band), one chunk per tile;
+float32 (NaN = no data), or int8 with a per-pixel `scale` (see `quantize`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from affine import Affine
 
 from ..errors import OutputNotWritableError
 from ..tiles import Tile
+from .quantize import NODATA, RULE, dequantize, quantize
 
 GRID_ATTR = "anysat_grid"
 
@@ -29,12 +31,18 @@ class LayerGrid:
     n_cols: int
     n_rows: int
     dim: int
+    dtype: str = "float32"   # or "int8": quantised, with a per-pixel scale
 
     @classmethod
-    def covering(cls, tiles: list[Tile], patch_size_m: float, dim: int) -> LayerGrid:
+    def covering(cls, tiles: list[Tile], patch_size_m: float, dim: int,
+                 dtype: str = "float32") -> LayerGrid:
         cols, rows = [t.col for t in tiles], [t.row for t in tiles]
         return cls(tiles[0].epsg, tiles[0].size_m, patch_size_m, min(cols), max(rows),
-                   max(cols) - min(cols) + 1, max(rows) - min(rows) + 1, dim)
+                   max(cols) - min(cols) + 1, max(rows) - min(rows) + 1, dim, dtype)
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype == "int8"
 
     @property
     def tile_px(self) -> int:
@@ -58,11 +66,18 @@ class LayerGrid:
 
 def _template(grid: LayerGrid, attrs: dict) -> xr.Dataset:
     shape = (grid.n_rows * grid.tile_px, grid.n_cols * grid.tile_px, grid.dim)
-    data = da.full(shape, np.nan, dtype="float32", chunks=(grid.tile_px, grid.tile_px, grid.dim))
-    ds = xr.Dataset({"embedding": (("y", "x", "band"), data)},
-                    coords={**grid.coords(), "band": np.arange(grid.dim)})
+    chunks = (grid.tile_px, grid.tile_px, grid.dim)
+    fill = NODATA if grid.quantized else np.nan
+    variables = {"embedding": (("y", "x", "band"), da.full(shape, fill, dtype=grid.dtype, chunks=chunks))}
+    if grid.quantized:
+        variables["scale"] = (("y", "x"), da.full(shape[:2], np.nan, dtype="float32", chunks=chunks[:2]))
+    ds = xr.Dataset(variables, coords={**grid.coords(), "band": np.arange(grid.dim)})
     ds = ds.rio.write_crs(f"EPSG:{grid.epsg}").rio.write_transform(grid.transform)
     ds["embedding"].attrs.update({"long_name": "AnySat patch embedding", "grid_mapping": "spatial_ref"})
+    if grid.quantized:
+        ds["embedding"].attrs.update({"nodata": NODATA, "dequantization": RULE})
+        ds["scale"].attrs.update({"long_name": "per-pixel dequantization scale",
+                                  "grid_mapping": "spatial_ref"})
     ds.attrs.update({**attrs, GRID_ATTR: json.dumps(asdict(grid))})
     return ds
 
@@ -80,7 +95,10 @@ def create_layer(uri: str, grid: LayerGrid, attrs: dict) -> None:
                 f"{uri} already holds a layer on another grid (tiles, patch size or model width); "
                 "choose another output_uri or remove it")
         return
-    encoding = {"embedding": {"chunks": (grid.tile_px, grid.tile_px, grid.dim), "fill_value": np.nan}}
+    chunks = (grid.tile_px, grid.tile_px, grid.dim)
+    encoding = {"embedding": {"chunks": chunks, "fill_value": NODATA if grid.quantized else np.nan}}
+    if grid.quantized:
+        encoding["scale"] = {"chunks": chunks[:2], "fill_value": np.nan}
     _template(grid, attrs).to_zarr(uri, mode="w", compute=False, zarr_format=3, consolidated=False,
                                    encoding=encoding)
 
@@ -91,10 +109,27 @@ def write_tile(uri: str, grid: LayerGrid, tile: Tile, patches: np.ndarray) -> No
     if patches.shape != expected:
         raise ValueError(f"tile {tile.id}: embeddings of shape {patches.shape}, layer expects {expected}")
     region = grid.tile_region(tile)
-    ds = xr.Dataset({"embedding": (("y", "x", "band"), patches.astype("float32"))})
+    if grid.quantized:
+        q, scale = quantize(patches)
+        ds = xr.Dataset({"embedding": (("y", "x", "band"), q), "scale": (("y", "x"), scale)})
+    else:
+        ds = xr.Dataset({"embedding": (("y", "x", "band"), patches.astype("float32"))})
     ds.to_zarr(uri, region=region, mode="r+", zarr_format=3, consolidated=False)
 
 
 def read_layer(uri: str) -> xr.Dataset:
-    """Open a layer lazily; `.rio.crs` and `.rio.transform()` give its georeference."""
-    return xr.open_zarr(uri, consolidated=False, decode_coords="all")
+    """Open a layer lazily, as stored (int8 layers stay int8: see `embeddings`);
+    `.rio.crs` and `.rio.transform()` give its georeference."""
+    return xr.open_zarr(uri, consolidated=False, decode_coords="all", mask_and_scale=False)
+
+
+def layer_grid(ds: xr.Dataset) -> LayerGrid:
+    return LayerGrid(**json.loads(ds.attrs[GRID_ATTR]))
+
+
+def embeddings(ds: xr.Dataset, y: slice = slice(None), x: slice = slice(None)) -> np.ndarray:
+    """float32 [y, x, band] of a window of a layer, NaN where no data (int8 dequantized)."""
+    window = ds.isel(y=y, x=x)
+    if "scale" in ds:
+        return dequantize(window["embedding"].values, window["scale"].values)
+    return window["embedding"].values

@@ -8,7 +8,10 @@ import json
 import fsspec
 import numpy as np
 import rioxarray  # noqa: F401 - .rio accessor
+import pyarrow.parquet as pq
 import pytest
+import rasterio
+import rasterio.io
 import xarray as xr
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -24,7 +27,7 @@ def test_flow_writes_layer_to_s3(prefect_api, s3_endpoint):
     with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
         state = embed_region(start="2020-11-01", end="2021-10-31", bbox=list(DEMO_BBOX),
                              patch_size_m=60.0, output_uri="s3://anysat/demo-run",
-                             return_state=True)
+                             products=["cog", "vectors"], return_state=True)
     assert state.is_completed()
     manifest = state.result()
     assert [z["layer"] for z in manifest["layers"]] == ["s3://anysat/demo-run/embeddings/EPSG32631_patch60m.zarr"]
@@ -44,3 +47,13 @@ def test_flow_writes_layer_to_s3(prefect_api, s3_endpoint):
     # the 1 km footprint (x 664000..665000) touches 18 columns of 60 m patches on the grid at 663600
     assert has_data.sum() == on_s3["patches_with_data"] == 18 * 18
     assert not np.isnan(emb[has_data]).any() and np.isnan(emb[~has_data]).all()
+
+    # the products on S3, opened without our code
+    zone = manifest["layers"][0]
+    [cog] = zone["cogs"]
+    assert cog == "s3://anysat/demo-run/cogs/EPSG32631/32631_69_584.tif"
+    with rasterio.io.MemoryFile(fs.cat_file(cog)) as memory, memory.open() as src:
+        assert src.crs.to_epsg() == 32631 and src.shape == (30, 30) and np.isnan(src.nodata)
+        np.testing.assert_array_equal(np.moveaxis(src.read(), 0, -1), emb)
+    with fs.open(zone["vectors"]["patches"], "rb") as f:
+        assert pq.read_table(f).num_rows == 18 * 18

@@ -47,3 +47,27 @@ def test_pca_preview_png(tmp_path):
     assert size == (270, 180) and image.shape == (180, 270, 4)
     assert (image[: 5 * 9, :, 3] == 0).all() and (image[5 * 9:, :, 3] == 255).all()
     assert image[5 * 9:, :, :3].std() > 20       # the colours carry the embedding's variance
+
+
+def test_int8_layer_round_trip_keeps_the_direction_of_every_embedding(tmp_path):
+    from anysat.products import embeddings
+    from anysat.products.quantize import NODATA
+
+    uri = str(tmp_path / "int8.zarr")
+    grid = LayerGrid.covering(TILES, patch_size_m=60, dim=64, dtype="int8")
+    create_layer(uri, grid, {})
+    rng = np.random.default_rng(2)
+    written = rng.normal(size=(10, 10, 64)).astype("float32") * rng.uniform(0.01, 5, (10, 10, 1))
+    written[3, 4] = np.nan                                   # a patch without data
+    write_tile(uri, grid, TILES[0], written.copy())
+    ds = read_layer(uri)
+    assert ds.embedding.dtype == np.int8 and ds.scale.dtype == np.float32
+    assert ds.embedding.attrs["nodata"] == NODATA and "scale" in ds.embedding.attrs["dequantization"]
+    raw = ds.embedding[:10, :10].values
+    assert (raw[3, 4] == NODATA).all() and (raw[~np.isnan(written).any(-1)] > NODATA).all()
+    back = embeddings(ds, slice(0, 10), slice(0, 10))
+    valid = np.isfinite(written).all(-1)
+    assert np.array_equal(np.isfinite(back).all(-1), valid) and np.isnan(embeddings(ds)[10:]).all()
+    a, b = written[valid], back[valid]
+    cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cosine.min() > 0.999

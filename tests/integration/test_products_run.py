@@ -1,0 +1,92 @@
+"""Products of a demo run as users open them: the int8 layer against float32, COGs read by
+rasterio, GeoParquet vectors, and `anysat similar` over the layer and over the vectors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+import shapely
+from shapely.geometry import box
+
+from anysat.products import embeddings, read_layer
+from anysat.products.cog import block_window
+from anysat.products.zarr_layer import layer_grid
+from tests.conftest import DEMO_BBOX
+
+pytestmark = pytest.mark.integration
+
+
+def anysat(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "anysat.cli", *args], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("products")
+    anysat("embed", "--demo", "--patch-size-m", "60", "--output", str(root / "float"))
+    anysat("embed", "--demo", "--patch-size-m", "60", "--output", str(root / "int8"),
+           "--quantize", "int8", "--products", "cog,vectors")
+    return {kind: json.loads((root / kind / "run.json").read_text()) for kind in ("float", "int8")}
+
+
+def test_int8_layer_keeps_the_float_embeddings_direction(runs):
+    full = embeddings(read_layer(runs["float"]["layers"][0]["layer"]))
+    small = read_layer(runs["int8"]["layers"][0]["layer"])
+    assert small.embedding.dtype == np.int8
+    back = embeddings(small)
+    valid = np.isfinite(full).all(-1)
+    assert valid.sum() == runs["int8"]["patches_with_data"] and np.array_equal(valid, np.isfinite(back).all(-1))
+    a, b = full[valid], back[valid]
+    cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert np.percentile(cosine, 1) > 0.999
+
+
+def test_cog_has_the_layers_grid_nodata_and_values(runs):
+    zone = runs["int8"]["layers"][0]
+    ds = read_layer(zone["layer"])
+    grid = layer_grid(ds)
+    [cog] = zone["cogs"]
+    with rasterio.open(cog) as src:
+        assert src.crs.to_epsg() == grid.epsg and np.isnan(src.nodata) and src.count == grid.dim
+        values = np.moveaxis(src.read(), 0, -1)
+        # the demo's tiles all lie in one block: its window is the whole layer
+        y, x, transform = block_window(grid, np.array([grid.col0, grid.col0 + grid.n_cols - 1]),
+                                       np.array([grid.row0 - grid.n_rows + 1, grid.row0]))
+        assert src.transform == transform == grid.transform
+    np.testing.assert_array_equal(values, embeddings(ds, y, x))
+
+
+def test_vectors_are_geoparquet_of_valid_patches_inside_the_region(runs):
+    zone = runs["int8"]["layers"][0]
+    patches = pq.read_table(zone["vectors"]["patches"])
+    geo = json.loads(patches.schema.metadata[b"geo"])
+    assert geo["columns"]["geometry"]["encoding"] == "WKB" and "crs" not in geo["columns"]["geometry"]
+    assert patches.num_rows == zone["patches_with_data"]
+    footprints = shapely.from_wkb(patches.column("geometry").to_numpy(zero_copy_only=False))
+    west, south, east, north = DEMO_BBOX
+    assert shapely.intersects(footprints, box(west - 1e-3, south - 1e-3, east + 1e-3, north + 1e-3)).all()
+    assert set(patches.column("start").to_pylist()) == {"2020-11-01"}
+    assert len(patches.column("embedding")[0]) == layer_grid(read_layer(zone["layer"])).dim
+    tiles = pq.read_table(zone["vectors"]["tiles"])
+    assert sum(tiles.column("patches").to_pylist()) == patches.num_rows
+
+
+def test_similar_finds_the_query_patch_first_in_layer_and_vectors(runs):
+    zone = runs["int8"]["layers"][0]
+    point = "5.326,50.633"
+    over_layer = [json.loads(line) for line in anysat(
+        "similar", "--layer", zone["layer"], "--point", point, "-k", "5").stdout.splitlines()]
+    over_vectors = [json.loads(line) for line in anysat(
+        "similar", "--vectors", zone["vectors"]["patches"], "--point", point, "-k", "5").stdout.splitlines()]
+    assert over_layer[0]["similarity"] == pytest.approx(1.0) and len(over_layer) == 5
+    assert [(r["row"], r["col"]) for r in over_layer] == [(r["row"], r["col"]) for r in over_vectors]
+    assert all(a["similarity"] >= b["similarity"] for a, b in zip(over_layer, over_layer[1:]))
