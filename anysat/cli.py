@@ -58,7 +58,11 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
                              "in the layer's attributes)")
     parser.add_argument("--products", default="",
                         help="comma-separated, besides the layer and its preview: cog (a GeoTIFF "
-                             "per block of tiles), vectors (GeoParquet of patches and tiles)")
+                             "per block of tiles), vectors (GeoParquet of patches and tiles), "
+                             "clusters (k-means map), classes (a linear-probe map of --labels)")
+    parser.add_argument("--clusters", type=int, default=8, help="k of the cluster map")
+    parser.add_argument("--labels", help="labelled points for the class map: GeoJSON Points with "
+                                         "a `label` property, or Parquet/CSV with lon, lat, label")
 
 
 def _read_geojson(path: str | None) -> dict | None:
@@ -89,7 +93,8 @@ def request_from_args(args: argparse.Namespace) -> RegionRequest:
                                tile_size_m=args.tile_size_m, output_uri=args.output,
                                model=args.model, batch_size=args.batch_size, device=args.device,
                                dtype=args.dtype, quantize=args.quantize,
-                               products=tuple(p.strip() for p in args.products.split(",") if p.strip()))
+                               products=tuple(p.strip() for p in args.products.split(",") if p.strip()),
+                               clusters=args.clusters, labels=args.labels)
 
 
 def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:

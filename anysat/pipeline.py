@@ -28,10 +28,10 @@ from .model import AnySat, load_model
 from .model.checkpoint import weights_sha256
 from .modalities import resolve_sensors
 from .plan import RunPlan, make_plan
-from .products import create_layer, write_pca_preview, write_tile
+from .products import create_layer, maps, write_tile
 from .products.cog import export_cogs
 from .products.vectors import layer_vectors
-from .products.zarr_layer import embeddings, read_layer
+from .products.zarr_layer import read_layer
 from .request import RegionRequest
 from .stac import resolve_provider
 from .stac.search import no_items_message
@@ -39,6 +39,7 @@ from .stac.signing import url_signer
 from .tiles import Tile
 
 log = logging.getLogger("anysat")
+PREVIEW_MAX_SIDE = 2048  # pixels: previews and map PNGs of a continent stay small
 
 
 @lru_cache(maxsize=4)
@@ -178,17 +179,18 @@ def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
         raise RuntimeError(f"{len(missing)} tiles not done ({missing[:3]}...); rerun to resume")
     layers = []
     for zone in plan.zones:
+        started = time.perf_counter()
         layer = read_layer(plan.layer_uri(zone.epsg))
-        step = max(1, int(np.ceil(max(layer["embedding"].shape[:2]) / 2048)))  # a continent's stays small
-        width, height = write_pca_preview(embeddings(layer, slice(None, None, step),
-                                                     slice(None, None, step)),
-                                          plan.preview_uri(zone.epsg))
+        # fitted on a sample, drawn tile by tile: a continent's layer is never in memory
+        width, height = maps.write_png(maps.render(layer, maps.pca_colour(maps.sample_pixels(layer)),
+                                                   PREVIEW_MAX_SIDE), plan.preview_uri(zone.epsg))
+        preview_s = time.perf_counter() - started
         in_zone = [r for r in results if r["tile"].startswith(f"{zone.epsg}_")]
         layers.append({"epsg": zone.epsg, "layer": plan.layer_uri(zone.epsg),
                        "preview": plan.preview_uri(zone.epsg), "tiles": zone.tiles,
                        "area_km2": round(zone.area_km2, 4),
                        "patches_with_data": sum(r["valid_patches"] for r in in_zone),
-                       **write_products(plan, zone.epsg)})
+                       **write_products(plan, zone.epsg, preview_s)})
         log.info("EPSG:%d: layer %s, preview %s (%dx%d px)", zone.epsg, plan.layer_uri(zone.epsg),
                  plan.preview_uri(zone.epsg), width, height)
     manifest = {
@@ -205,21 +207,37 @@ def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
     return manifest
 
 
-def write_products(plan: RunPlan, epsg: int) -> dict:
+def write_products(plan: RunPlan, epsg: int, preview_s: float) -> dict:
     """The products a run asks for besides the layer (`request.products`), for one zone;
     their URIs and the seconds each took."""
-    products, seconds = {}, {}
+    request = plan.request
+    products, seconds = {}, {"preview": round(preview_s, 3)}
     tiles = plan.tiles[plan.tiles["epsg"] == epsg]
     layer = plan.layer_uri(epsg)
-    if "cog" in plan.request.products:
+    blocks = {name: (group["col"].to_numpy(), group["row"].to_numpy())
+              for name, group in tiles.groupby("block")}
+    if "cog" in request.products:
         started = time.perf_counter()
-        blocks = {name: (group["col"].to_numpy(), group["row"].to_numpy())
-                  for name, group in tiles.groupby("block")}
         products["cogs"] = export_cogs(layer, blocks, storage.join(plan.uri, "cogs", f"EPSG{epsg}"))
         seconds["cog"] = round(time.perf_counter() - started, 3)
-    if "vectors" in plan.request.products:
+    for kind in ("clusters", "classes"):
+        if kind not in request.products:
+            continue
         started = time.perf_counter()
-        request = plan.request
+        ds = read_layer(layer)
+        if kind == "clusters":
+            predict, names = maps.kmeans(maps.sample_pixels(ds), request.clusters), None
+        else:
+            predict, names, used = maps.linear_probe(ds, *maps.read_points(request.labels))
+            log.info("EPSG:%d class map: %d labelled points, classes %s", epsg, used, names)
+        png = storage.join(plan.uri, "maps", f"EPSG{epsg}_{kind}.png")
+        maps.write_png(maps.render(ds, maps.class_colour(predict), PREVIEW_MAX_SIDE, pool="first"), png)
+        products[kind] = {"png": png, "cogs": maps.write_class_cogs(
+            ds, predict, blocks, storage.join(plan.uri, "maps", f"EPSG{epsg}_{kind}")),
+            **({"classes": names} if names else {})}
+        seconds[kind] = round(time.perf_counter() - started, 3)
+    if "vectors" in request.products:
+        started = time.perf_counter()
         meta = {"start": request.start, "end": request.end, "model": request.model,
                 "model_sha256": plan.fingerprint["model_sha256"]}
         patches, tile_rows = layer_vectors(
@@ -229,8 +247,7 @@ def write_products(plan: RunPlan, epsg: int) -> dict:
         geoparquet.write(patches, products["vectors"]["patches"])
         geoparquet.write(tile_rows, products["vectors"]["tiles"])
         seconds["vectors"] = round(time.perf_counter() - started, 3)
-    if seconds:
-        log.info("EPSG:%d products: %s", epsg, ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    log.info("EPSG:%d products: %s", epsg, ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return {**products, "product_seconds": seconds}
 
 

@@ -41,7 +41,10 @@ class RegionRequest(BaseModel):
     time_bin: str | None = None  # median per period, a pandas offset alias ("MS" = monthly)
     cube_backend: Literal["odc-stac", "stackstac"] = "odc-stac"
     quantize: Literal["none", "int8"] = "none"  # int8: a quarter of the size, per-pixel scale
-    products: tuple[Literal["cog", "vectors"], ...] = ()  # besides the layer and preview
+    # products besides the layer and its preview, and their options
+    products: tuple[Literal["cog", "vectors", "clusters", "classes"], ...] = ()
+    clusters: int = Field(default=8, ge=2, le=255)   # k of the k-means cluster map
+    labels: str | None = None  # labelled points (GeoJSON, Parquet, CSV) for the class map
 
     @model_validator(mode="after")
     def _check(self) -> RegionRequest:
@@ -85,6 +88,8 @@ class RegionRequest(BaseModel):
             raise ValueError(f"device {self.device!r} is not cpu or cuda[:N]")
         if self.dtype == "fp16" and self.device == "cpu":
             raise ValueError("dtype fp16 needs a CUDA device; on CPU use fp32 or bf16")
+        if "classes" in self.products and not self.labels:
+            raise ValueError("the classes product needs labelled points (labels / --labels)")
         self.geometry  # noqa: B018 - parse the GeoJSON now, so a bad one fails here
         return self
 

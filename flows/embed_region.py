@@ -60,6 +60,8 @@ def embed_region(
     cube_backend: str = "odc-stac",
     quantize: str = "none",
     products: list[str] = [],
+    clusters: int = 8,
+    labels: str | None = None,
 ) -> dict:
     """Embed a region (lon/lat bbox or GeoJSON) between two dates into a Zarr layer."""
     logger = get_run_logger()
@@ -69,7 +71,8 @@ def embed_region(
         sensors=tuple(sensors), patch_size_m=patch_size_m, tile_size_m=tile_size_m,
         catalog=catalog, output_uri=output_uri, model=model, tiles_per_batch=tiles_per_batch,
         batch_size=batch_size, device=device, dtype=dtype, max_cloud=max_cloud,
-        time_bin=time_bin, cube_backend=cube_backend, quantize=quantize, products=tuple(products))
+        time_bin=time_bin, cube_backend=cube_backend, quantize=quantize, products=tuple(products),
+        clusters=clusters, labels=labels)
     plan = plan_run(request)
     batches = pipeline.tile_batches(plan)
     futures = embed_batch.map(unmapped(request), unmapped(plan.hash), batches)

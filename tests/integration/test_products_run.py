@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -32,9 +33,18 @@ def anysat(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("products")
+    # labelled points: the demo square's northern and southern halves
+    west, south, east, north = DEMO_BBOX
+    rng = np.random.default_rng(0)
+    points = [(rng.uniform(west, east), rng.uniform(south, north)) for _ in range(40)]
+    (root / "labels.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [lon, lat]},
+         "properties": {"label": "north" if lat > (south + north) / 2 else "south"}}
+        for lon, lat in points]}))
     anysat("embed", "--demo", "--patch-size-m", "60", "--output", str(root / "float"))
     anysat("embed", "--demo", "--patch-size-m", "60", "--output", str(root / "int8"),
-           "--quantize", "int8", "--products", "cog,vectors")
+           "--quantize", "int8", "--products", "cog,vectors,clusters,classes", "--clusters", "5",
+           "--labels", str(root / "labels.geojson"))
     return {kind: json.loads((root / kind / "run.json").read_text()) for kind in ("float", "int8")}
 
 
@@ -90,3 +100,49 @@ def test_similar_finds_the_query_patch_first_in_layer_and_vectors(runs):
     assert over_layer[0]["similarity"] == pytest.approx(1.0) and len(over_layer) == 5
     assert [(r["row"], r["col"]) for r in over_layer] == [(r["row"], r["col"]) for r in over_vectors]
     assert all(a["similarity"] >= b["similarity"] for a, b in zip(over_layer, over_layer[1:]))
+
+
+@pytest.mark.parametrize("kind,classes", [("clusters", set(range(5))), ("classes", {0, 1})])
+def test_cluster_and_class_maps_have_the_layers_grid(runs, kind, classes):
+    zone = runs["int8"]["layers"][0]
+    ds = read_layer(zone["layer"])
+    grid = layer_grid(ds)
+    has_data = np.isfinite(embeddings(ds)).all(-1)
+    product = zone[kind]
+    with rasterio.open(product["cogs"][0]) as src:
+        assert src.crs.to_epsg() == grid.epsg and src.transform == grid.transform
+        assert src.nodata == 255 and src.dtypes == ("uint8",)
+        values = src.read(1)
+    assert values.shape == has_data.shape and (values[~has_data] == 255).all()
+    assert set(np.unique(values[has_data])) <= classes and len(np.unique(values[has_data])) > 1
+    if kind == "classes":
+        assert product["classes"] == ["north", "south"]
+    assert Path(product["png"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_preview_of_a_large_layer_never_holds_the_layer(tmp_path):
+    """A 600 x 600 px x 128-d layer (184 MB as float32) previewed within 60 MB."""
+    import zarr
+
+    from anysat.products import LayerGrid, create_layer
+
+    uri = str(tmp_path / "big.zarr")
+    grid = LayerGrid(32631, 600.0, 30.0, 1000, 9000, 30, 30, 128)
+    create_layer(uri, grid, {})
+    array = zarr.open_array(f"{uri}/embedding", mode="r+")
+    rng = np.random.default_rng(0)
+    for y0 in range(0, 600, 100):
+        array[y0:y0 + 100] = rng.normal(size=(100, 600, 128)).astype("float32")
+    script = (
+        "import resource, sys\n"
+        "from anysat.products import maps, read_layer\n"
+        "ds = read_layer(sys.argv[1])\n"
+        "colour = maps.pca_colour(maps.sample_pixels(ds))\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "maps.write_png(maps.render(ds, colour, 2048), sys.argv[2])\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n")
+    result = subprocess.run([sys.executable, "-c", script, uri, str(tmp_path / "p.png")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) < 60            # MB more than before drawing: never the layer
+    assert (tmp_path / "p.png").stat().st_size > 1000

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anysat.products import LayerGrid, create_layer, read_layer, write_pca_preview, write_tile
+from anysat.products import LayerGrid, create_layer, maps, read_layer, write_tile
 from anysat.errors import OutputNotWritableError
 from anysat.tiles import Tile
 
@@ -39,14 +39,26 @@ def test_existing_layer_is_reused_only_on_the_same_grid(tmp_path):
         create_layer(uri, LayerGrid.covering(TILES, patch_size_m=30, dim=8), {})
 
 
-def test_pca_preview_png(tmp_path):
-    emb = np.random.default_rng(1).normal(size=(20, 30, 16)).astype("float32")
-    emb[:5] = np.nan
-    size = write_pca_preview(emb, str(tmp_path / "p" / "preview.png"))
+def test_pca_preview_png_drawn_tile_by_tile(tmp_path):
+    uri = str(tmp_path / "layer.zarr")
+    grid = LayerGrid.covering(TILES, patch_size_m=60, dim=16)      # 2 x 2 tiles of 10 px
+    create_layer(uri, grid, {})
+    rng = np.random.default_rng(1)
+    for tile in TILES:                                              # the fourth tile stays empty
+        emb = rng.normal(size=(10, 10, 16)).astype("float32")
+        emb[:5] = np.nan
+        write_tile(uri, grid, tile, emb)
+    ds = read_layer(uri)
+    rgba = maps.render(ds, maps.pca_colour(maps.sample_pixels(ds)), max_side=2048)
+    size = maps.write_png(rgba, str(tmp_path / "p" / "preview.png"))
     image = np.asarray(Image.open(tmp_path / "p" / "preview.png"))
-    assert size == (270, 180) and image.shape == (180, 270, 4)
-    assert (image[: 5 * 9, :, 3] == 0).all() and (image[5 * 9:, :, 3] == 255).all()
-    assert image[5 * 9:, :, :3].std() > 20       # the colours carry the embedding's variance
+    assert size == (260, 260) and image.shape == (260, 260, 4)     # 20 px, upscaled 13x
+    alpha = image[::13, ::13, 3]
+    assert (alpha[:5, :] == 0).all() and (alpha[5:10, :] == 255).all()   # rows without data
+    assert (alpha[15:, :10] == 0).all() and (alpha[15:, 10:] == 255).all()
+    assert image[5 * 13:10 * 13, :, :3].std() > 20   # the colours carry the embedding's variance
+    pooled = maps.render(ds, maps.pca_colour(maps.sample_pixels(ds)), max_side=4)
+    assert pooled.shape == (4, 4, 4)                              # tiles average-pooled 5 x 5
 
 
 def test_int8_layer_round_trip_keeps_the_direction_of_every_embedding(tmp_path):

@@ -1,0 +1,229 @@
+"""Maps of an embedding layer, made tile by tile so that a continent's layer is never in memory:
+a PCA-RGB preview, a k-means cluster map, and a linear-probe class map from labelled points.
+
+Each model (PCA axes, k-means centres, a logistic regression) is fitted on a bounded sample of
+the layer's pixels (or on the labelled points), then applied tile by tile. Previews are PNGs at
+most `max_side` pixels wide (tiles average-pooled); class and cluster maps are also written at
+full resolution as uint8 COGs per block of tiles (255 = no data).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import xarray as xr
+from PIL import Image
+
+from .. import storage
+from ..errors import AnySatError
+from .cog import block_window
+from .zarr_layer import LayerGrid, embeddings, layer_grid, read_layer
+
+NO_CLASS = 255
+SAMPLE = 20_000  # pixels a map's model is fitted on
+
+
+def _tiles(grid: LayerGrid) -> Iterator[tuple[slice, slice]]:
+    px = grid.tile_px
+    for y0 in range(0, grid.n_rows * px, px):
+        for x0 in range(0, grid.n_cols * px, px):
+            yield slice(y0, y0 + px), slice(x0, x0 + px)
+
+
+def sample_pixels(ds: xr.Dataset, n: int = SAMPLE, seed: int = 0) -> np.ndarray:
+    """Up to n valid pixels [n, D], drawn from tiles in a random order (a few per tile, so a
+    large layer is sampled everywhere without reading it all)."""
+    grid = layer_grid(ds)
+    rng = np.random.default_rng(seed)
+    windows = list(_tiles(grid))
+    per_tile = max(1, math.ceil(n / len(windows)) * 2)
+    picked, total = [], 0
+    for i in rng.permutation(len(windows)):
+        values = embeddings(ds, *windows[i]).reshape(-1, grid.dim)
+        values = values[np.isfinite(values).all(axis=1)]
+        if len(values):
+            picked.append(values[rng.choice(len(values), min(per_tile, len(values)), replace=False)])
+            total += len(picked[-1])
+        if total >= n:
+            break
+    if not picked:
+        raise AnySatError("the layer has no patch with data: nothing to map")
+    return np.concatenate(picked)[:n]
+
+
+def _pool_factor(grid: LayerGrid, max_side: int) -> int:
+    """Average-pool factor so that the preview's longer side is at most max_side pixels (a
+    divisor of the tile's side, so tiles pool whole)."""
+    side = max(grid.n_rows, grid.n_cols) * grid.tile_px
+    need = math.ceil(side / max_side)
+    return next(f for f in range(1, grid.tile_px + 1) if grid.tile_px % f == 0 and f >= need) \
+        if need <= grid.tile_px else grid.tile_px
+
+
+def render(ds: xr.Dataset, colour: Callable[[np.ndarray], np.ndarray], max_side: int,
+           pool: str = "mean") -> np.ndarray:
+    """An RGBA preview: each tile pooled by `pool` (mean, or the first pixel of each cell for
+    classes), `colour` maps [n, D] valid embeddings to [n, 4] uint8."""
+    grid = layer_grid(ds)
+    f = _pool_factor(grid, max_side)
+    side = grid.tile_px // f
+    canvas = np.zeros((grid.n_rows * side, grid.n_cols * side, 4), dtype=np.uint8)
+    for y, x in _tiles(grid):
+        values = embeddings(ds, y, x)
+        cells = values.reshape(side, f, side, f, grid.dim)
+        if pool == "mean":
+            valid = np.isfinite(cells).all(-1)
+            counts = valid.sum(axis=(1, 3))
+            sums = np.where(valid[..., None], cells, 0).sum(axis=(1, 3))
+            pooled = np.where(counts[..., None] > 0, sums / np.maximum(counts, 1)[..., None], np.nan)
+        else:
+            pooled = cells[:, 0, :, 0]
+        flat = pooled.reshape(-1, grid.dim)
+        ok = np.isfinite(flat).all(axis=1)
+        rgba = np.zeros((len(flat), 4), dtype=np.uint8)
+        if ok.any():
+            rgba[ok] = colour(flat[ok])
+        canvas[y.start // f:y.start // f + side, x.start // f:x.start // f + side] = \
+            rgba.reshape(side, side, 4)
+    return canvas
+
+
+def write_png(rgba: np.ndarray, uri: str, min_side_px: int = 256) -> tuple[int, int]:
+    """Write an RGBA PNG (nearest-upscaled to at least `min_side_px`); returns its size."""
+    factor = max(1, math.ceil(min_side_px / max(rgba.shape[:2])))
+    image = Image.fromarray(rgba, mode="RGBA").resize(
+        (rgba.shape[1] * factor, rgba.shape[0] * factor), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    storage.write_bytes_atomic(uri, buffer.getvalue())
+    return image.size
+
+
+def pca_colour(sample: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Embeddings -> RGBA: the sample's first 3 principal components, 2-98 % stretched."""
+    mean = sample.mean(axis=0)
+    x = sample - mean
+    _, axes = np.linalg.eigh((x.T @ x).astype(np.float64))
+    top = axes[:, ::-1][:, :3].astype(np.float32)
+    comps = x @ top
+    lo, hi = np.percentile(comps, [2, 98], axis=0)
+    span = np.where(hi > lo, hi - lo, 1)
+
+    def colour(values: np.ndarray) -> np.ndarray:
+        scaled = np.clip(((values - mean) @ top - lo) / span, 0, 1)
+        rgb = (scaled * 255).round().astype(np.uint8)
+        return np.concatenate([rgb, np.full((len(values), 1), 255, np.uint8)], axis=1)
+
+    return colour
+
+
+PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60),
+                    (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40),
+                    (255, 250, 200), (128, 0, 0), (170, 255, 195)], dtype=np.uint8)
+
+
+def class_colour(predict: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    def colour(values: np.ndarray) -> np.ndarray:
+        rgb = PALETTE[predict(values) % len(PALETTE)]
+        return np.concatenate([rgb, np.full((len(values), 1), 255, np.uint8)], axis=1)
+
+    return colour
+
+
+def write_class_cogs(ds: xr.Dataset, predict: Callable[[np.ndarray], np.ndarray],
+                     blocks: dict[str, tuple[np.ndarray, np.ndarray]], out_uri: str) -> list[str]:
+    """uint8 class COGs per block (255 = no data), overviews by mode."""
+    grid = layer_grid(ds)
+    written = []
+    for name, (cols, rows) in blocks.items():
+        y, x, transform = block_window(grid, cols, rows)
+        values = embeddings(ds, y, x)
+        h, w = values.shape[:2]
+        flat = values.reshape(-1, grid.dim)
+        ok = np.isfinite(flat).all(axis=1)
+        classes = np.full(len(flat), NO_CLASS, dtype=np.uint8)
+        if ok.any():
+            classes[ok] = predict(flat[ok]).astype(np.uint8)
+        profile = {"driver": "COG", "width": w, "height": h, "count": 1, "dtype": "uint8",
+                   "crs": f"EPSG:{grid.epsg}", "transform": transform, "nodata": NO_CLASS,
+                   "compress": "deflate", "blocksize": 256, "overview_resampling": "mode"}
+        uri = storage.join(out_uri, f"{name}.tif")
+        with tempfile.TemporaryDirectory() as folder:
+            local = str(Path(folder) / "classes.tif")
+            with rasterio.open(local, "w", **profile) as dst:
+                dst.write(classes.reshape(1, h, w))
+            storage.put_file_atomic(local, uri)
+        written.append(uri)
+    return written
+
+
+def kmeans(sample: np.ndarray, k: int, seed: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+    from sklearn.cluster import MiniBatchKMeans
+
+    if len(sample) < k:
+        raise AnySatError(f"{len(sample)} patches with data cannot make {k} clusters")
+    model = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3).fit(sample)
+    return lambda values: model.predict(values.astype(np.float32))
+
+
+def point_embeddings(ds: xr.Dataset, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    """The layer's embedding at each point [n, D] (NaN rows for points off the layer or
+    without data)."""
+    from pyproj import Transformer
+
+    grid = layer_grid(ds)
+    x, y = Transformer.from_crs(4326, grid.epsg, always_xy=True).transform(lon, lat)
+    col, row = ~grid.transform * (np.asarray(x), np.asarray(y))
+    col, row = np.floor(col).astype(int), np.floor(row).astype(int)
+    height, width = ds["embedding"].shape[:2]
+    out = np.full((len(col), grid.dim), np.nan, dtype=np.float32)
+    inside = (row >= 0) & (row < height) & (col >= 0) & (col < width)
+    for i in np.flatnonzero(inside):
+        out[i] = embeddings(ds, slice(row[i], row[i] + 1), slice(col[i], col[i] + 1))[0, 0]
+    return out
+
+
+def linear_probe(ds: xr.Dataset, lon: np.ndarray, lat: np.ndarray, labels: np.ndarray
+                 ) -> tuple[Callable[[np.ndarray], np.ndarray], list[str], int]:
+    """A logistic regression of the labels on the layer's embeddings at the points; the
+    predictor (class index per embedding), the class names, and how many points it used."""
+    from sklearn.linear_model import LogisticRegression
+
+    values = point_embeddings(ds, lon, lat)
+    ok = np.isfinite(values).all(axis=1)
+    names, index = np.unique(np.asarray(labels)[ok].astype(str), return_inverse=True)
+    if ok.sum() < 2 or len(names) < 2:
+        raise AnySatError(f"{int(ok.sum())} labelled points fall on patches with data, with "
+                          f"{len(names)} classes: a class map needs at least 2 of each")
+    if len(names) > NO_CLASS:
+        raise AnySatError(f"{len(names)} classes: a class map holds at most {NO_CLASS}")
+    model = LogisticRegression(max_iter=2000).fit(values[ok], index)
+    return (lambda v: model.predict(v.astype(np.float32)).astype(np.uint8)), [str(n) for n in names], int(ok.sum())
+
+
+def read_points(uri: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labelled points: GeoJSON Points with a `label` property, or a table (Parquet, CSV) with
+    `lon`, `lat` and `label` columns. Returns lon, lat, label arrays."""
+    import json
+
+    import pandas as pd
+
+    try:
+        if uri.endswith((".geojson", ".json")):
+            features = json.loads(storage.read_bytes(uri))["features"]
+            coords = np.array([f["geometry"]["coordinates"][:2] for f in features], dtype=float)
+            labels = np.array([f["properties"]["label"] for f in features])
+            return coords[:, 0], coords[:, 1], labels
+        table = (pd.read_csv if uri.endswith(".csv") else pd.read_parquet)(uri)
+        return table["lon"].to_numpy(float), table["lat"].to_numpy(float), table["label"].to_numpy()
+    except (OSError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise AnySatError(f"cannot read labelled points {uri}: {type(exc).__name__}: {exc} "
+                          "(GeoJSON Points with a `label` property, or a table with lon, lat, "
+                          "label)") from None
