@@ -190,7 +190,8 @@ def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
                        "preview": plan.preview_uri(zone.epsg), "tiles": zone.tiles,
                        "area_km2": round(zone.area_km2, 4),
                        "patches_with_data": sum(r["valid_patches"] for r in in_zone),
-                       **write_products(plan, zone.epsg, preview_s)})
+                       **write_products(plan, zone.epsg, preview_s,
+                                        any(r["valid_patches"] for r in in_zone))})
         log.info("EPSG:%d: layer %s, preview %s (%dx%d px)", zone.epsg, plan.layer_uri(zone.epsg),
                  plan.preview_uri(zone.epsg), width, height)
     manifest = {
@@ -207,11 +208,14 @@ def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
     return manifest
 
 
-def write_products(plan: RunPlan, epsg: int, preview_s: float) -> dict:
+def write_products(plan: RunPlan, epsg: int, preview_s: float, has_data: bool) -> dict:
     """The products a run asks for besides the layer (`request.products`), for one zone;
-    their URIs and the seconds each took."""
+    their URIs and the seconds each took. A zone without data gets none but its COGs."""
     request = plan.request
     products, seconds = {}, {"preview": round(preview_s, 3)}
+    if not has_data and set(request.products) - {"cog"}:
+        log.warning("EPSG:%d has no patch with data: no %s for it", epsg,
+                    ", ".join(sorted(set(request.products) - {"cog"})))
     tiles = plan.tiles[plan.tiles["epsg"] == epsg]
     layer = plan.layer_uri(epsg)
     blocks = {name: (group["col"].to_numpy(), group["row"].to_numpy())
@@ -221,7 +225,7 @@ def write_products(plan: RunPlan, epsg: int, preview_s: float) -> dict:
         products["cogs"] = export_cogs(layer, blocks, storage.join(plan.uri, "cogs", f"EPSG{epsg}"))
         seconds["cog"] = round(time.perf_counter() - started, 3)
     for kind in ("clusters", "classes"):
-        if kind not in request.products:
+        if kind not in request.products or not has_data:
             continue
         started = time.perf_counter()
         ds = read_layer(layer)
@@ -236,7 +240,7 @@ def write_products(plan: RunPlan, epsg: int, preview_s: float) -> dict:
             ds, predict, blocks, storage.join(plan.uri, "maps", f"EPSG{epsg}_{kind}")),
             **({"classes": names} if names else {})}
         seconds[kind] = round(time.perf_counter() - started, 3)
-    if "vectors" in request.products:
+    if "vectors" in request.products and has_data:
         started = time.perf_counter()
         meta = {"start": request.start, "end": request.end, "model": request.model,
                 "model_sha256": plan.fingerprint["model_sha256"]}

@@ -38,7 +38,7 @@ def _tiles(grid: LayerGrid) -> Iterator[tuple[slice, slice]]:
 
 def sample_pixels(ds: xr.Dataset, n: int = SAMPLE, seed: int = 0) -> np.ndarray:
     """Up to n valid pixels [n, D], drawn from tiles in a random order (a few per tile, so a
-    large layer is sampled everywhere without reading it all)."""
+    large layer is sampled everywhere without reading it all); [0, D] for an empty layer."""
     grid = layer_grid(ds)
     rng = np.random.default_rng(seed)
     windows = list(_tiles(grid))
@@ -52,9 +52,7 @@ def sample_pixels(ds: xr.Dataset, n: int = SAMPLE, seed: int = 0) -> np.ndarray:
             total += len(picked[-1])
         if total >= n:
             break
-    if not picked:
-        raise AnySatError("the layer has no patch with data: nothing to map")
-    return np.concatenate(picked)[:n]
+    return np.concatenate(picked)[:n] if picked else np.zeros((0, grid.dim), np.float32)
 
 
 def _pool_factor(grid: LayerGrid, max_side: int) -> int:
@@ -106,7 +104,10 @@ def write_png(rgba: np.ndarray, uri: str, min_side_px: int = 256) -> tuple[int, 
 
 
 def pca_colour(sample: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """Embeddings -> RGBA: the sample's first 3 principal components, 2-98 % stretched."""
+    """Embeddings -> RGBA: the sample's first 3 principal components, 2-98 % stretched
+    (grey when the sample is too small to have components)."""
+    if len(sample) < 2:
+        return lambda values: np.tile(np.array([128, 128, 128, 255], np.uint8), (len(values), 1))
     mean = sample.mean(axis=0)
     x = sample - mean
     _, axes = np.linalg.eigh((x.T @ x).astype(np.float64))

@@ -101,8 +101,9 @@ def test_a_region_across_two_zones_gets_a_layer_per_zone(tmp_path):
     path.write_text(json.dumps(geojson))
     out = tmp_path / "run"
     result = anysat("embed", "--demo", "--geojson", str(path), "--output", str(out),
-                    "--sensors", "s2,s1", "--patch-size-m", "60")
+                    "--sensors", "s2,s1", "--patch-size-m", "60", "--products", "vectors")
     assert result.returncode == 0, result.stderr
+    assert "EPSG:32632 has no patch with data: no vectors for it" in result.stderr
     manifest = json.loads((out / "run.json").read_text())
     assert [z["epsg"] for z in manifest["layers"]] == [32631, 32632]
     plan = read_plan(str(out))
@@ -118,6 +119,7 @@ def test_a_region_across_two_zones_gets_a_layer_per_zone(tmp_path):
         has_data = int(np.isfinite(layer.embedding.values).all(axis=-1).sum())
         assert has_data == zone["patches_with_data"] == sum(m["valid_patches"] for m in in_zone)
     assert manifest["layers"][0]["patches_with_data"] > 0 == manifest["layers"][1]["patches_with_data"]
+    assert "vectors" in manifest["layers"][0] and "vectors" not in manifest["layers"][1]
 
 
 def test_a_plan_across_the_antimeridian(tmp_path):
