@@ -8,10 +8,12 @@ the shipped checkpoint, S2 + S1 + DEM, 30 m patches. Each case runs in a fresh p
 `peak_rss_mb` is that case's) and prints one JSON line: case, tiles, batch_size (tiles per
 forward), device, dtype, area_km2, seconds, km2_per_s (end to end: plan, reads, forward,
 writes), model_km2_per_s (the forward alone, on the same tiles' batches, same batch size),
-peak_rss_mb.
+peak_rss_mb, and for the products asked (`--products`, besides the preview, which is always
+made) the seconds per tile of each and `products_share`: their part of the end-to-end time.
 
     .venv/bin/python benchmarks/embed_region.py [--tiles 1 4 16 64] [--batch-sizes 1 4 16]
         [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--model demo|base|...]
+        [--products cog,vectors,clusters] [--quantize int8]
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def region(tiles: int) -> dict:
     return {"type": "Polygon", "coordinates": [ring]}
 
 
-def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str, model: str) -> dict:
+def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str, model: str,
+             products: tuple[str, ...] = (), quantize: str = "none") -> dict:
     import torch
 
     from anysat.cli import DEMO_DATES
@@ -99,7 +102,8 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
         request = RegionRequest.build(geojson=region(tiles), start=DEMO_DATES[0], end=DEMO_DATES[1],
                                       catalog=catalog, output_uri=out, model=model,
                                       batch_size=batch_size, device=device, dtype=dtype,
-                                      tiles_per_batch=max(batch_size, 16))
+                                      tiles_per_batch=max(batch_size, 16), products=products,
+                                      quantize=quantize)
         net = get_model(request.model, request.sensors, request.device)  # loaded before timing
         started = time.perf_counter()
         manifest = run_region(request)
@@ -122,11 +126,15 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
                 net(batch, request.patch_size_m, output="patch").float().cpu()
             forward += time.perf_counter() - begun
     area = manifest["area_km2"]
+    product_s = {k: sum(z["product_seconds"].get(k, 0) for z in manifest["layers"])
+                 for k in ("preview", *products)}
     return {"case": f"demo_repeated_{tiles}_tiles", "tiles": tiles, "batch_size": batch_size,
             "device": device, "dtype": dtype, "model": model, "area_km2": area,
             "torch_threads": torch.get_num_threads(), "seconds": round(seconds, 2),
             "km2_per_s": round(area / seconds, 4), "model_km2_per_s": round(area / forward, 4),
-            "peak_rss_mb": round(peak_rss_mb, 1)}
+            "peak_rss_mb": round(peak_rss_mb, 1), "quantize": quantize,
+            **{f"{k}_s_per_tile": round(v / tiles, 4) for k, v in product_s.items()},
+            "products_share": round(sum(product_s.values()) / seconds, 4)}
 
 
 def main() -> None:
@@ -137,12 +145,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--model", default="demo", help="demo (the shipped checkpoint) or a size")
+    parser.add_argument("--products", default="", help="comma-separated: cog, vectors, clusters")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8"])
     parser.add_argument("--one", nargs=2, metavar=("CATALOG", "TILES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         catalog, tiles = args.one
+        products = tuple(p for p in args.products.split(",") if p)
         print(json.dumps(run_case(catalog, int(tiles), args.batch_sizes[0], args.device,
-                                  args.dtype, args.model)), flush=True)
+                                  args.dtype, args.model, products, args.quantize)), flush=True)
         return
     if any(math.isqrt(n) ** 2 != n or n > 64 for n in args.tiles):
         parser.error("--tiles must be square numbers up to 64")
@@ -154,7 +165,8 @@ def main() -> None:
                     continue  # a batch larger than the run is the run
                 subprocess.run([sys.executable, __file__, "--one", catalog, str(tiles),
                                 "--batch-sizes", str(batch_size), "--device", args.device,
-                                "--dtype", args.dtype, "--model", args.model], check=True)
+                                "--dtype", args.dtype, "--model", args.model, "--products",
+                                args.products, "--quantize", args.quantize], check=True)
 
 
 if __name__ == "__main__":

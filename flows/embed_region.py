@@ -39,6 +39,21 @@ def embed_batch(request: RegionRequest, plan_hash: str, tile_ids: list[str]) -> 
     return pipeline.embed_tiles(plan_for_worker(request, plan_hash), tile_ids)
 
 
+def zone_rows(zone: dict) -> str:
+    """Markdown rows of one zone's products (URIs and the seconds each took)."""
+    epsg = f"EPSG:{zone['epsg']}"
+    rows = [f"| {epsg} layer | `{zone['layer']}` ({zone['tiles']} tiles, {zone['area_km2']:.2f} km²) |",
+            f"| {epsg} preview | `{zone['preview']}` |"]
+    rows += [f"| {epsg} COG | `{uri}` |" for uri in zone.get("cogs", [])]
+    rows += [f"| {epsg} {kind} | `{zone[kind]['png']}`, COGs `{', '.join(zone[kind]['cogs'])}` |"
+             for kind in ("clusters", "classes") if kind in zone]
+    if "vectors" in zone:
+        rows.append(f"| {epsg} vectors | `{zone['vectors']['patches']}`, `{zone['vectors']['tiles']}` |")
+    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in zone["product_seconds"].items())
+    rows.append(f"| {epsg} product time | {seconds} |")
+    return "".join(row + "\n" for row in rows)
+
+
 @flow(name="embed-region", task_runner=dask_task_runner())
 def embed_region(
     start: str,
@@ -89,8 +104,7 @@ def embed_region(
             f"| area | {manifest['area_km2']:.2f} km² |\n"
             f"| patches with data | {manifest['patches_with_data']} |\n"
             f"| time | {manifest['seconds']:.1f} s |\n| plan | `{manifest['plan']}` |\n"
-            + "".join(f"| EPSG:{z['epsg']} | `{z['layer']}`, `{z['preview']}` |\n"
-                      for z in manifest["layers"])),
+            + "".join(zone_rows(z) for z in manifest["layers"])),
         description="What embed-region wrote")
     return manifest
 
