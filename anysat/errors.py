@@ -35,3 +35,11 @@ class CheckpointError(AnySatError):
 
 class ModelInputError(AnySatError, ValueError):
     """A model batch does not match the model (modalities, footprints, patch size, NaNs)."""
+
+
+class TileReadError(AnySatError):
+    """A tile's pixels could not be read (a missing, truncated or corrupt asset)."""
+
+
+class TilesFailedError(AnySatError):
+    """Some tiles of a run failed; the others are done and a rerun retries only these."""

@@ -23,7 +23,7 @@ import torch
 from . import geoparquet, storage
 from .batch import stack_samples
 from .cube.batch import load_items_batch
-from .errors import CheckpointError, NoItemsError
+from .errors import CheckpointError, NoItemsError, TileReadError, TilesFailedError
 from .model import AnySat, load_model
 from .model.checkpoint import weights_sha256
 from .modalities import resolve_sensors
@@ -101,11 +101,16 @@ def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
     provider, specs = resolve_provider(request.catalog), request.modality_specs()
     signer = url_signer(provider)
 
-    def load(tile: Tile) -> tuple[Tile, dict, dict, float]:
+    def load(tile: Tile) -> tuple[Tile, dict, dict, float] | dict:
         started = time.perf_counter()
-        batch, dates = load_items_batch(plan.items(tile.id), specs, tile, naming=provider.naming,
-                                        patch_url=signer, time_bin=request.time_bin,
-                                        backend=request.cube_backend)
+        try:
+            batch, dates = load_items_batch(plan.items(tile.id), specs, tile,
+                                            naming=provider.naming, patch_url=signer,
+                                            time_bin=request.time_bin,
+                                            backend=request.cube_backend)
+        except TileReadError as exc:  # this tile fails, the others go on; a rerun retries it
+            log.error("%s", exc)
+            return {"tile": tile.id, "failed": str(exc), "area_km2": tile.area_km2}
         return tile, batch, dates, time.perf_counter() - started
 
     n = request.batch_size
@@ -113,10 +118,13 @@ def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
         pending = deque(pool.submit(load, tile) for tile in todo[:2 * n])
         queued = todo[2 * n:]
         while pending:
-            group = [pending.popleft().result() for _ in range(min(n, len(pending)))]
-            pending.extend(pool.submit(load, tile) for tile in queued[:len(group)])
-            queued = queued[len(group):]
-            results += _embed_group(plan, model, group)
+            loaded = [pending.popleft().result() for _ in range(min(n, len(pending)))]
+            pending.extend(pool.submit(load, tile) for tile in queued[:len(loaded)])
+            queued = queued[len(loaded):]
+            results += [r for r in loaded if isinstance(r, dict)]
+            group = [r for r in loaded if not isinstance(r, dict)]
+            if group:
+                results += _embed_group(plan, model, group)
     return results
 
 
@@ -173,10 +181,19 @@ def tile_batches(plan: RunPlan) -> list[list[str]]:
 
 def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
     """Write each zone's preview, then the manifest: its presence means the run is complete."""
+    failed = [r for r in results if "failed" in r]
+    if failed:
+        listed = "; ".join(r["failed"] for r in failed[:10])
+        more = f" (and {len(failed) - 10} more)" if len(failed) > 10 else ""
+        others = len(plan.tile_ids) - len(failed)
+        raise TilesFailedError(
+            f"{len(failed)} of {len(plan.tile_ids)} tiles failed"
+            f"{f', the other {others} are done' if others else ''}: {listed}{more}. "
+            "Rerun the same command to retry only the failed tiles.")
     done = {r["tile"] for r in results}
     missing = [t for t in plan.tile_ids if t not in done]
     if missing:
-        raise RuntimeError(f"{len(missing)} tiles not done ({missing[:3]}...); rerun to resume")
+        raise TilesFailedError(f"{len(missing)} tiles not done ({missing[:3]}...); rerun to resume")
     layers = []
     for zone in plan.zones:
         started = time.perf_counter()
@@ -263,6 +280,7 @@ def run_region(request: RegionRequest) -> dict:
     for ids in tile_batches(plan):
         results.extend(embed_tiles(plan, ids))
         area = sum(r["area_km2"] for r in results)
-        log.info("progress: %d/%d tiles, %.2f/%.2f km2", len(results), len(plan.tiles), area,
-                 plan.area_km2)
+        failed = sum("failed" in r for r in results)
+        log.info("progress: %d/%d tiles%s, %.2f/%.2f km2", len(results), len(plan.tiles),
+                 f" ({failed} failed)" if failed else "", area, plan.area_km2)
     return finish_run(plan, results, time.perf_counter() - started)

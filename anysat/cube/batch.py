@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -11,6 +12,7 @@ import pystac
 import torch
 
 from ..batch import Batch
+from ..errors import TileReadError
 from ..modalities import ModalitySpec
 from ..stac import search_sensors
 from ..stac.providers import Provider
@@ -35,17 +37,37 @@ def load_items_batch(items: dict[str, Sequence[pystac.Item]], specs: list[Modali
     for spec in specs:
         if not items.get(spec.name):
             continue
-        cube = load_cube(items[spec.name], spec, tile.geobox(spec.gsd_m), naming=naming,
-                         patch_url=patch_url, backend=backend, lazy=False)
-        if time_bin and spec.time_series:
-            cube = bin_time(cube, time_bin)
-        cube = read_cube(cube)
+        try:
+            cube = load_cube(items[spec.name], spec, tile.geobox(spec.gsd_m), naming=naming,
+                             patch_url=patch_url, backend=backend, lazy=False)
+            if time_bin and spec.time_series:
+                cube = bin_time(cube, time_bin)
+            cube = read_cube(cube)
+        except (OSError, RuntimeError, ValueError) as exc:  # rasterio/GDAL read errors
+            raise TileReadError(f"tile {tile.id}: cannot read {spec.name}: "
+                                f"{without_secrets(describe(exc))[:500]}") from None
         pixels = torch.from_numpy(cube.values)[None]
         batch[spec.name] = pixels
         batch[f"{spec.name}_dates"] = days_since_epoch(cube.time.values)[None]
         batch[f"{spec.name}_mask"] = torch.isfinite(pixels).all(dim=2)
         dates[spec.name] = int(cube.sizes["time"])
     return batch, dates
+
+
+def describe(exc: BaseException) -> str:
+    """An exception and its causes in one line (readers wrap the error that names the file)."""
+    parts: list[str] = []
+    while exc is not None and len(parts) < 5:
+        text = str(exc).strip()
+        if text and text not in parts and "See previous exception" not in text:
+            parts.append(text)
+        exc = exc.__cause__ or exc.__context__
+    return ": ".join(parts) or "unknown read error"
+
+
+def without_secrets(text: str) -> str:
+    """A message with URL query strings (where signing tokens live) cut out."""
+    return re.sub(r"\?[^\s'\"]+", "?<query removed>", text)
 
 
 def load_tile_batch(provider: Provider, specs: list[ModalitySpec], tile: Tile, start: dt.date,

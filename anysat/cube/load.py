@@ -10,6 +10,7 @@ nodata and cloud-masked pixels become NaN, values are scaled to physical units (
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -25,6 +26,9 @@ from ..modalities import ModalitySpec
 from .masks import invalid_pixels
 
 log = logging.getLogger("anysat")
+# GDAL retries transient HTTP errors (429, 5xx) with backoff, unless a deployment says otherwise
+for _key, _value in (("GDAL_HTTP_MAX_RETRY", "5"), ("GDAL_HTTP_RETRY_DELAY", "1")):
+    os.environ.setdefault(_key, _value)
 Backend = Literal["odc-stac", "stackstac"]
 BACKENDS: tuple[Backend, ...] = ("odc-stac", "stackstac")
 

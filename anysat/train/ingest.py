@@ -18,7 +18,7 @@ from shapely.geometry import shape
 
 from .. import storage
 from ..cube.batch import load_items_batch, load_tile_batch
-from ..errors import NoItemsError
+from ..errors import NoItemsError, TileReadError, TilesFailedError
 from ..modalities import ModalitySpec
 from ..plan import RunPlan, fingerprint, fingerprint_hash, make_plan
 from ..stac import resolve_provider
@@ -104,9 +104,14 @@ def ingest_tiles(plan: IngestPlan, tile_ids: list[str]) -> list[dict]:
         if done is not None:
             rows.append({**done, "skipped": True})
             continue
-        batch, dates = load_items_batch(plan.run.items(tile_id), specs, tile,
-                                        naming=provider.naming, patch_url=signer,
-                                        time_bin=request.time_bin, backend=request.cube_backend)
+        try:
+            batch, dates = load_items_batch(plan.run.items(tile_id), specs, tile,
+                                            naming=provider.naming, patch_url=signer,
+                                            time_bin=request.time_bin, backend=request.cube_backend)
+        except TileReadError as exc:  # this chip fails, the others go on; a rerun retries it
+            log.error("%s", exc)
+            rows.append({"id": tile_id, "failed": str(exc)})
+            continue
         row = _write_chip(plan.store_uri, tile, batch, dates, specs, request.start, request.end,
                           provider)
         if row is not None:
@@ -120,8 +125,16 @@ def tile_batches(plan: IngestPlan) -> list[list[str]]:
 
 
 def finish_ingest(plan: IngestPlan, rows: list[dict], seconds: float) -> dict:
-    """Write the index (last: what a trainer reads) and a summary."""
+    """Write the index of the chips written (last: what a trainer reads) and a summary;
+    raise, listing them, if some chips failed (a rerun retries only those)."""
+    failed = [r for r in rows if "failed" in r]
+    rows = [r for r in rows if "failed" not in r]
     index = write_index(plan.store_uri, rows)
+    if failed:
+        listed = "; ".join(r["failed"] for r in failed[:10])
+        raise TilesFailedError(f"{len(failed)} of {len(plan.tiles)} chips failed ({len(rows)} "
+                               f"written or complete, in the index): {listed}. Rerun the same "
+                               "command to retry only the failed chips.")
     summary = {"store": plan.store_uri, "chips": len(rows), "chips_in_store": len(index),
                "written": sum(not r.get("skipped") for r in rows),
                "skipped": sum(bool(r.get("skipped")) for r in rows),

@@ -90,3 +90,44 @@ def test_killed_run_leaves_nothing_looking_complete_and_resumes(tmp_path):
     assert np.isfinite(a.embedding.values).all(axis=-1).sum() == 34 * 34   # 1 km2 at 30 m patches
     # the shipped checkpoint's layer is about the land, not the patch's place in its tile
     assert position_omega2(b.embedding.values, tile_px=20) < 0.15
+
+
+def test_a_tile_that_cannot_be_read_fails_alone_and_a_rerun_retries_it(tmp_path):
+    """One S2 scene covers only the central tile and its B02 file is missing: that tile
+    fails with its id and the asset, the other 8 complete; with the file back, a rerun
+    embeds only that tile."""
+    import shutil
+
+    from anysat.tiles import Tile
+    from tests.conftest import CENTRAL_TILE, DEMO_CATALOG
+
+    catalog = tmp_path / "catalog"
+    shutil.copytree(DEMO_CATALOG, catalog)
+    scene = catalog / "sentinel-2-l2a" / "S2-L2A-DEMO-20210601"
+    item = json.loads((scene / "S2-L2A-DEMO-20210601.json").read_text())
+    west, south, east, north = Tile(*CENTRAL_TILE).bbox_lonlat
+    lon, lat = (west + east) / 2, (south + north) / 2
+    item["bbox"] = [lon - 1e-4, lat - 1e-4, lon + 1e-4, lat + 1e-4]
+    item["geometry"] = {"type": "Polygon", "coordinates": [[
+        [lon - 1e-4, lat - 1e-4], [lon + 1e-4, lat - 1e-4], [lon + 1e-4, lat + 1e-4],
+        [lon - 1e-4, lat + 1e-4], [lon - 1e-4, lat - 1e-4]]]}
+    (scene / "S2-L2A-DEMO-20210601.json").write_text(json.dumps(item))
+    (scene / "B02.tif").rename(tmp_path / "B02.tif")
+    out = tmp_path / "out"
+
+    failed = embed("--catalog", str(catalog / "catalog.json"), output=out)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    central = "32631_600m_1107_9352"
+    assert f"1 of 9 tiles failed, the other 8 are done: tile {central}: cannot read sentinel-2-l2a" in failed.stderr
+    assert "B02.tif" in failed.stderr and "Rerun the same command" in failed.stderr
+    done = sorted(p.stem for p in (out / "tiles").glob("*.json"))
+    assert len(done) == 8 and central not in done and not (out / "run.json").exists()
+
+    (tmp_path / "B02.tif").rename(scene / "B02.tif")
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "tiles").glob("*.json")}
+    retried = embed("--catalog", str(catalog / "catalog.json"), output=out)
+    assert retried.returncode == 0, retried.stderr
+    assert json.loads((out / "run.json").read_text())["tiles"] == 9
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "tiles").glob("*.json")}
+    assert set(after) - set(before) == {f"{central}.json"}
+    assert all(after[name] == mtime for name, mtime in before.items())   # only the failed one redone

@@ -28,3 +28,16 @@ def test_a_stacked_batch_of_different_series_lengths_equals_one_by_one():
         together = model(batch, 20, "patch")
         alone = torch.cat([model(s, 20, "patch") for s in samples])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_read_errors_name_the_file_but_never_a_signing_token():
+    from anysat.cube.batch import describe, without_secrets
+
+    try:
+        try:
+            raise OSError("https://x.blob.core.windows.net/c/B02.tif?st=2026&sig=SECRET: 403")
+        except OSError as inner:
+            raise RuntimeError("Read failed. See previous exception for details.") from inner
+    except RuntimeError as exc:
+        text = without_secrets(describe(exc))
+    assert "B02.tif" in text and "403" in text and "SECRET" not in text and "sig=" not in text
