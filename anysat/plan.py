@@ -20,6 +20,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
@@ -42,6 +43,8 @@ from .tiles import Tile, ZoneTiles, plan_zones
 log = logging.getLogger("anysat")
 
 PLAN_VERSION = 1
+MAX_TILES = 5_000_000  # tiles one plan holds (its table is read whole by each worker)
+WARN_TILES = 100_000
 BLOCK_TILES = 16  # a block is up to 16 x 16 tiles of one zone's grid, searched once
 # What the embeddings depend on; batch sizes, device and output location do not.
 FINGERPRINT_FIELDS = ("bbox", "geojson", "start", "end", "sensors", "patch_size_m",
@@ -268,6 +271,22 @@ def check_same_request(saved: RunPlan, fields: dict) -> None:
         "use another output or remove this one (resuming would mix both runs in one layer)")
 
 
+def check_run_size(request: RegionRequest) -> None:
+    """Refuse a plan too big to hold (ANYSAT_MAX_TILES, default 5 M tiles) and warn, with the
+    estimate, before a very large one."""
+    area = request.area_km2
+    tiles = area / (request.tile_size_m / 1000) ** 2
+    limit = int(os.environ.get("ANYSAT_MAX_TILES", MAX_TILES))
+    if tiles > limit:
+        raise RequestError(
+            f"the region ({area:,.0f} km2) makes about {tiles:,.0f} tiles of "
+            f"{request.tile_size_m:g} m, over the {limit:,} one plan holds (ANYSAT_MAX_TILES); "
+            "use larger tiles or split the region")
+    if tiles > WARN_TILES:
+        log.warning("a large run: about %s tiles of %g m over %s km2 (`anysat plan --estimate` "
+                    "gives the device-hours)", f"{tiles:,.0f}", request.tile_size_m, f"{area:,.0f}")
+
+
 def make_plan(request: RegionRequest, model_sha256: str, dim: int, *, uri: str | None = None,
               zones: list[ZoneTiles] | None = None) -> RunPlan:
     """The plan of a request, saved under `uri` (default: the request's output): the one
@@ -285,6 +304,7 @@ def make_plan(request: RegionRequest, model_sha256: str, dim: int, *, uri: str |
         return saved
     storage.check_writable(uri)
     if zones is None:
+        check_run_size(request)
         zones = plan_zones(request.geometry, request.tile_size_m)
     zones = [z for z in zones if len(z)]
     if not zones:

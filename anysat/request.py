@@ -16,6 +16,7 @@ from .sizes import is_multiple
 
 DEFAULT_SENSORS = ("sentinel-2-l2a", "sentinel-1", "copernicus-dem")
 DEFAULT_MODEL = "demo"  # the pretrained checkpoint that ships (catalogs/checkpoints/demo)
+MAX_TILE_SIZE_M = 20_000.0  # 2,000 x 2,000 px of Sentinel-2 per tile and date
 
 
 class RegionRequest(BaseModel):
@@ -65,6 +66,11 @@ class RegionRequest(BaseModel):
             raise ValueError(f"start {self.start} is after end {self.end}")
         if not self.sensors:
             raise ValueError("name at least one sensor")
+        if self.tile_size_m > MAX_TILE_SIZE_M:
+            raise ValueError(
+                f"tile_size_m {self.tile_size_m:,.0f} is over {MAX_TILE_SIZE_M:,.0f} m: a tile is read and "
+                "embedded in one piece, in memory; use tiles of a few km (the run splits the "
+                "region into as many as it needs)")
         if not is_multiple(self.tile_size_m, self.patch_size_m):
             raise ValueError(
                 f"tile_size_m {self.tile_size_m:g} is not a multiple of patch_size_m "
@@ -133,6 +139,13 @@ class RegionRequest(BaseModel):
             return shape(gj["geometry"] if gj.get("type") == "Feature" else gj)
         except (KeyError, TypeError, ValueError, AttributeError, ShapelyError) as exc:
             raise ValueError(f"geojson is not a valid Geometry, Feature or FeatureCollection: {exc}")
+
+    @property
+    def area_km2(self) -> float:
+        """The region's area on the ellipsoid."""
+        from pyproj import Geod
+
+        return abs(Geod(ellps="WGS84").geometry_area_perimeter(self.geometry)[0]) / 1e6
 
     def modality_specs(self) -> list[ModalitySpec]:
         """Resolve the sensors and check that the patch size fits every sensor's GSD."""

@@ -48,6 +48,8 @@ def test_embed_small_region_writes_layer_preview_and_manifest(tmp_path):
     (["--start", "2021-06-01", "--end", "2021-01-01"], "start 2021-06-01 is after end 2021-01-01"),
     (["--sensors", "s2,sentinel-9"], "unknown sensor(s) 'sentinel-9'"),
     (["--patch-size-m", "20"], "patch_size_m 20 is not a multiple of the 30 m GSD of sensor 'copernicus-dem'"),
+    (["--tile-size-m", "3000000"], "tile_size_m 3,000,000 is over 20,000 m"),
+    (["--bbox=-10,35,30,70"], "tiles of 600 m, over the 5,000,000 one plan holds (ANYSAT_MAX_TILES)"),
 ])
 def test_bad_input_gets_one_clear_error(tmp_path, args, message):
     result = embed(*args, output=tmp_path / "out")

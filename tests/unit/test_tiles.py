@@ -4,6 +4,7 @@ import resource
 import subprocess
 import sys
 
+import pytest
 from pyproj import Transformer
 from shapely.geometry import box
 from shapely.ops import transform as shapely_transform
@@ -80,3 +81,19 @@ def test_plan_estimate_for_europe_is_quick_and_small():
     total = lines[-1]
     assert total["zones"] == 7 and 1.5e6 < total["tiles"] < 1.7e6 and total["device_hours"] > 0
     assert max(before / 1024, peak_mb) < 2048, peak_mb
+
+
+def test_a_very_large_run_is_warned_about_and_an_absurd_one_refused(caplog, monkeypatch):
+    import logging
+
+    from anysat.errors import RequestError
+    from anysat.plan import check_run_size
+    from anysat.request import RegionRequest
+
+    belgium = RegionRequest.build(bbox=(2.5, 49.5, 6.4, 51.5), start="2021-01-01", end="2021-01-02")
+    with caplog.at_level(logging.WARNING, logger="anysat"):
+        check_run_size(belgium)                      # about 61,500 km2: 171,000 tiles of 600 m
+    assert "a large run: about 170,9" in caplog.text and "61,5" in caplog.text
+    monkeypatch.setenv("ANYSAT_MAX_TILES", "100000")
+    with pytest.raises(RequestError, match="about 170,9.* tiles of 600 m, over the 100,000 one plan holds"):
+        check_run_size(belgium)
