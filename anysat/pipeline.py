@@ -164,7 +164,8 @@ def _write_tile(plan: RunPlan, tile: Tile, patches: np.ndarray | None, valid: np
         valid_patches = int(valid.sum())
         if valid_patches:
             write_tile(plan.layer_uri(tile.epsg), grid, tile, patches)
-    result = {"tile": tile.id, "epsg": tile.epsg, "valid_patches": valid_patches,
+    result = {"tile": tile.id, "epsg": tile.epsg, "status": "done" if valid_patches else "no-data",
+              "valid_patches": valid_patches,
               "patches": grid.tile_px**2, "dates": dates, "area_km2": tile.area_km2,
               "seconds": round(seconds, 3)}
     storage.write_bytes_atomic(plan.marker_uri(tile.id), json.dumps(result).encode())
@@ -194,6 +195,15 @@ def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
     missing = [t for t in plan.tile_ids if t not in done]
     if missing:
         raise TilesFailedError(f"{len(missing)} tiles not done ({missing[:3]}...); rerun to resume")
+    without_data = sum(not r["valid_patches"] for r in results)
+    if without_data == len(results):
+        raise NoItemsError(
+            f"none of the {len(results)} tiles had a valid pixel (nodata or clouds everywhere, "
+            "or items that do not cover the region): the layer would be empty, so no run.json "
+            "was written; check the catalog, dates and --max-cloud")
+    if without_data:
+        log.warning("%d of %d tiles had no valid pixel (recorded as no-data in their markers "
+                    "and in run.json)", without_data, len(results))
     layers = []
     for zone in plan.zones:
         started = time.perf_counter()
@@ -217,6 +227,7 @@ def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
         "layers": layers, "manifest": plan.manifest_uri,
         "tiles": len(plan.tiles), "area_km2": round(plan.area_km2, 4),
         "patches_with_data": sum(r["valid_patches"] for r in results),
+        "tiles_without_data": without_data,
         "embedding_dim": plan.zones[0].grid.dim, "seconds": round(seconds, 2),
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -104,6 +104,7 @@ def test_a_region_across_two_zones_gets_a_layer_per_zone(tmp_path):
                     "--sensors", "s2,s1", "--patch-size-m", "60", "--products", "vectors")
     assert result.returncode == 0, result.stderr
     assert "EPSG:32632 has no patch with data: no vectors for it" in result.stderr
+    assert "4 of 5 tiles had no valid pixel" in result.stderr
     manifest = json.loads((out / "run.json").read_text())
     assert [z["epsg"] for z in manifest["layers"]] == [32631, 32632]
     plan = read_plan(str(out))
@@ -120,6 +121,8 @@ def test_a_region_across_two_zones_gets_a_layer_per_zone(tmp_path):
         assert has_data == zone["patches_with_data"] == sum(m["valid_patches"] for m in in_zone)
     assert manifest["layers"][0]["patches_with_data"] > 0 == manifest["layers"][1]["patches_with_data"]
     assert "vectors" in manifest["layers"][0] and "vectors" not in manifest["layers"][1]
+    assert manifest["tiles_without_data"] == 4
+    assert {m["status"] for m in markers.values() if m["epsg"] == 32632} == {"no-data"}
 
 
 def test_a_plan_across_the_antimeridian(tmp_path):
@@ -141,3 +144,24 @@ def test_a_plan_across_the_antimeridian(tmp_path):
     assert footprint.bounds[0] == -180 and footprint.bounds[2] == 180
     widths = [g.bounds[2] - g.bounds[0] for g in footprint.geoms]   # 600 m is about 0.0056 deg here
     assert sum(widths) == pytest.approx(600 / (111.32e3 * np.cos(np.radians(16))), rel=0.02)
+
+
+def test_a_run_where_no_tile_has_data_fails_loudly(tmp_path):
+    """A catalog whose every Sentinel-2 pixel is nodata: no empty layer passed off as done."""
+    import shutil
+
+    import rasterio
+
+    from tests.conftest import DEMO_CATALOG
+
+    catalog = tmp_path / "catalog"
+    shutil.copytree(DEMO_CATALOG, catalog)
+    for path in (catalog / "sentinel-2-l2a").rglob("*.tif"):
+        with rasterio.open(path, "r+", IGNORE_COG_LAYOUT_BREAK="YES") as dst:
+            dst.write(np.zeros((dst.count, dst.height, dst.width), dtype=dst.dtypes[0]))
+    out = tmp_path / "run"
+    result = anysat("embed", "--demo", "--catalog", str(catalog / "catalog.json"), "--sensors",
+                    "s2", "--output", str(out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "none of the 9 tiles had a valid pixel" in result.stderr
+    assert not (out / "run.json").exists()
