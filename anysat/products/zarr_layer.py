@@ -84,16 +84,23 @@ def _template(grid: LayerGrid, attrs: dict) -> xr.Dataset:
 
 def create_layer(uri: str, grid: LayerGrid, attrs: dict) -> None:
     """Create the empty layer (metadata only; NaN = not written / no data), or reuse an
-    existing one with the same grid so that an interrupted run resumes."""
+    existing one of the same grid and run (`attrs["plan_hash"]`) so that an interrupted run
+    resumes."""
     try:
-        existing = xr.open_zarr(uri, consolidated=False)
+        existing = xr.open_zarr(uri, consolidated=False, mask_and_scale=False)
     except (FileNotFoundError, KeyError, ValueError):
         existing = None
     if existing is not None:
-        if json.loads(existing.attrs.get(GRID_ATTR, "null")) != asdict(grid):
+        saved = existing.attrs.get(GRID_ATTR)
+        if saved is None or LayerGrid(**json.loads(saved)) != grid:  # old layers: float32
             raise OutputNotWritableError(
-                f"{uri} already holds a layer on another grid (tiles, patch size or model width); "
-                "choose another output_uri or remove it")
+                f"{uri} already holds a layer on another grid (tiles, patch size, model width or "
+                "dtype); choose another output_uri or remove it")
+        if existing.attrs.get("plan_hash") != attrs.get("plan_hash"):
+            raise OutputNotWritableError(
+                f"{uri} holds a layer of another run (plan "
+                f"{existing.attrs.get('plan_hash') or 'none: written before saved run plans'}); "
+                "its tiles would be mixed with this run's: choose another output_uri or remove it")
         return
     chunks = (grid.tile_px, grid.tile_px, grid.dim)
     encoding = {"embedding": {"chunks": chunks, "fill_value": NODATA if grid.quantized else np.nan}}

@@ -37,6 +37,8 @@ def test_existing_layer_is_reused_only_on_the_same_grid(tmp_path):
     assert float(read_layer(uri).embedding[0, 0, 0]) == 1.0
     with pytest.raises(OutputNotWritableError, match="another grid"):
         create_layer(uri, LayerGrid.covering(TILES, patch_size_m=30, dim=8), {})
+    with pytest.raises(OutputNotWritableError, match="a layer of another run .plan none: written before"):
+        create_layer(uri, grid, {"plan_hash": "abc"})
 
 
 def test_pca_preview_png_drawn_tile_by_tile(tmp_path):
