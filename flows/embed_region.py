@@ -23,7 +23,7 @@ from prefect.futures import as_completed  # noqa: E402
 from anysat import pipeline  # noqa: E402
 from anysat.cli import add_request_arguments, attach_negative_values, request_from_args  # noqa: E402
 from anysat.errors import AnySatError  # noqa: E402
-from anysat.request import DEFAULT_MODEL, DEFAULT_SENSORS, RegionRequest  # noqa: E402
+from anysat.request import RegionRequest  # noqa: E402
 from anysat.plan import plan_for_worker  # noqa: E402
 from flows.dask_runner import dask_task_runner  # noqa: E402
 from flows.local_server import prefect_server  # noqa: E402
@@ -54,40 +54,13 @@ def zone_rows(zone: dict) -> str:
     return "".join(row + "\n" for row in rows)
 
 
-@flow(name="embed-region", task_runner=dask_task_runner())
-def embed_region(
-    start: str,
-    end: str,
-    bbox: list[float] | None = None,
-    geojson: dict | None = None,
-    sensors: list[str] = list(DEFAULT_SENSORS),
-    patch_size_m: float = 30.0,
-    tile_size_m: float = 600.0,
-    catalog: str = "demo",
-    output_uri: str = "outputs",
-    model: str = DEFAULT_MODEL,
-    tiles_per_batch: int = 2,
-    batch_size: int = 4,
-    device: str = "cpu",
-    dtype: str = "fp32",
-    max_cloud: float | None = None,
-    time_bin: str | None = None,
-    cube_backend: str = "odc-stac",
-    quantize: str = "none",
-    products: list[str] = [],
-    clusters: int = 8,
-    labels: str | None = None,
-) -> dict:
-    """Embed a region (lon/lat bbox or GeoJSON) between two dates into a Zarr layer."""
+@flow(name="embed-region", task_runner=dask_task_runner(), validate_parameters=True)
+def embed_region(request: RegionRequest) -> dict:
+    """Embed a region (lon/lat bbox or GeoJSON) between two dates into a Zarr layer per UTM
+    zone, with its preview and the products asked for. The parameter is the request model
+    itself: the Prefect UI renders its form, and bad fields fail before any work."""
     logger = get_run_logger()
     started = time.perf_counter()
-    request = RegionRequest.build(
-        bbox=tuple(bbox) if bbox else None, geojson=geojson, start=start, end=end,
-        sensors=tuple(sensors), patch_size_m=patch_size_m, tile_size_m=tile_size_m,
-        catalog=catalog, output_uri=output_uri, model=model, tiles_per_batch=tiles_per_batch,
-        batch_size=batch_size, device=device, dtype=dtype, max_cloud=max_cloud,
-        time_bin=time_bin, cube_backend=cube_backend, quantize=quantize, products=tuple(products),
-        clusters=clusters, labels=labels)
     plan = plan_run(request)
     batches = pipeline.tile_batches(plan)
     futures = embed_batch.map(unmapped(request), unmapped(plan.hash), batches)
@@ -116,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         request = request_from_args(args)
         with prefect_server():
-            manifest = embed_region(**request.model_dump(mode="json"))
+            manifest = embed_region(request)
     except AnySatError as exc:
         print(f"embed-region: error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ import xarray as xr
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from anysat import load_model
+from anysat.request import RegionRequest
 from tests.conftest import DEMO_BBOX
 
 pytestmark = pytest.mark.integration
@@ -25,9 +26,10 @@ def test_flow_writes_layer_to_s3(prefect_api, s3_endpoint):
     from flows.embed_region import embed_region
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
-        state = embed_region(start="2020-11-01", end="2021-10-31", bbox=list(DEMO_BBOX),
-                             patch_size_m=60.0, output_uri="s3://anysat/demo-run",
-                             products=["cog", "vectors"], return_state=True)
+        request = RegionRequest.build(start="2020-11-01", end="2021-10-31", bbox=DEMO_BBOX,
+                                      patch_size_m=60.0, output_uri="s3://anysat/demo-run",
+                                      products=("cog", "vectors"))
+        state = embed_region(request, return_state=True)
     assert state.is_completed()
     manifest = state.result()
     assert [z["layer"] for z in manifest["layers"]] == ["s3://anysat/demo-run/embeddings/EPSG32631_patch60m.zarr"]
@@ -57,3 +59,17 @@ def test_flow_writes_layer_to_s3(prefect_api, s3_endpoint):
         np.testing.assert_array_equal(np.moveaxis(src.read(), 0, -1), emb)
     with fs.open(zone["vectors"]["patches"], "rb") as f:
         assert pq.read_table(f).num_rows == 18 * 18
+
+
+def test_bad_flow_parameters_fail_before_any_work(prefect_api, tmp_path):
+    """The flow's parameter is the request model: Prefect validates it before the run starts."""
+    from flows.embed_region import embed_region
+
+    out = tmp_path / "never"
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+        state = embed_region(request={"start": "2021-06-01", "end": "2021-01-01",
+                                      "bbox": list(DEMO_BBOX), "output_uri": str(out)},
+                             return_state=True)
+    assert state.is_failed()
+    assert "start 2021-06-01 is after end 2021-01-01" in state.message
+    assert not out.exists()
