@@ -23,7 +23,7 @@ from PIL import Image
 from .. import storage
 from ..errors import AnySatError
 from .cog import block_window
-from .zarr_layer import LayerGrid, embeddings, layer_grid, read_layer
+from .zarr_layer import LayerGrid, embeddings, layer_grid
 
 NO_CLASS = 255
 SAMPLE = 20_000  # pixels a map's model is fitted on
