@@ -123,13 +123,14 @@ class RunPlan:
         """The items of each sensor over the tile (sensors without any are left out), in the
         order the search gave them (by date)."""
         row = self.tiles.loc[tile_id]
-        block = _block_items(self.uri, row["block"])
+        block = _block_items(self.uri, self.hash, row["block"])
         return {s: [block[i] for i in row[f"items.{s}"]] for s in self.sensors
                 if len(row[f"items.{s}"])}
 
 
 @lru_cache(maxsize=64)
-def _block_items(uri: str, block: str) -> dict[str, pystac.Item]:
+def _block_items(uri: str, plan_hash: str, block: str) -> dict[str, pystac.Item]:
+    # keyed by the plan's hash too: a long-lived worker may see an output planned anew
     raw = json.loads(storage.read_bytes(_items_uri(uri, block)))
     return {f["id"]: pystac.Item.from_dict(f, preserve_dict=False) for f in raw["features"]}
 
