@@ -33,6 +33,7 @@ from pyproj import Transformer
 from shapely.geometry import box, shape
 
 from . import geoparquet, storage
+from .cube.load import plain_item
 from .errors import AnySatError, RequestError
 from .modalities import ModalitySpec
 from .products.zarr_layer import LayerGrid
@@ -162,15 +163,6 @@ def tile_footprints(zone: ZoneTiles) -> np.ndarray:
     return polygons
 
 
-def _plain_item(item: pystac.Item) -> dict:
-    """An item dict with absolute, unsigned asset hrefs and no links (never followed)."""
-    plain = item.to_dict(include_self_link=False, transform_hrefs=False)
-    plain["links"] = []
-    for key, asset in item.assets.items():
-        plain["assets"][key]["href"] = asset.get_absolute_href() or asset.href
-    return plain
-
-
 def _search_block(request: RegionRequest, specs: list[ModalitySpec], footprints: np.ndarray
                   ) -> dict[str, list[pystac.Item]]:
     """One search (per group of sensors, paged) over a block: its tiles' union in lon/lat,
@@ -207,7 +199,7 @@ def _plan_zone(uri: str, request: RegionRequest, specs: list[ModalitySpec], zone
             for i, t in sorted(zip(item_idx, tile_idx)):  # the search's (date) order per tile
                 items_per_tile[sensor][members[t]].append(items[i].id)
                 kept.setdefault(items[i].id, items[i])
-        collection = {"type": "FeatureCollection", "features": [_plain_item(i) for i in kept.values()]}
+        collection = {"type": "FeatureCollection", "features": [plain_item(i) for i in kept.values()]}
         storage.write_bytes_atomic(_items_uri(uri, block), json.dumps(collection).encode())
         log.info("block %s: %d tiles, %s", block, len(members),
                  ", ".join(f"{len(v)} {k} items" for k, v in found.items()))

@@ -85,14 +85,23 @@ def _read_stackstac(items: Sequence[pystac.Item], assets: list[str], resampling:
     return cube.assign_coords(xr_coords(geobox))  # the same x/y and spatial_ref as odc-stac
 
 
-def _readable(item: pystac.Item, assets: list[str],
-              patch_url: Callable[[str], str] | None) -> dict:
-    """A plain item dict without links (never followed: they may point to live servers)."""
+def plain_item(item: pystac.Item) -> dict:
+    """An item dict with absolute, unsigned asset hrefs and no links (never followed: they may
+    point to live servers)."""
     plain = item.to_dict(include_self_link=False, transform_hrefs=False)
     plain["links"] = []
-    for key in assets:
-        href = item.assets[key].get_absolute_href() or item.assets[key].href
-        plain["assets"][key]["href"] = patch_url(href) if patch_url else href
+    for key, asset in item.assets.items():
+        plain["assets"][key]["href"] = asset.get_absolute_href() or asset.href
+    return plain
+
+
+def _readable(item: pystac.Item, assets: list[str],
+              patch_url: Callable[[str], str] | None) -> dict:
+    """`plain_item` with the assets to read signed."""
+    plain = plain_item(item)
+    if patch_url:
+        for key in assets:
+            plain["assets"][key]["href"] = patch_url(plain["assets"][key]["href"])
     return plain
 
 

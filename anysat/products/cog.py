@@ -26,19 +26,22 @@ def block_window(grid: LayerGrid, cols: np.ndarray, rows: np.ndarray) -> tuple[s
     return slice(y0, y1), slice(x0, x1), grid.transform * Affine.translation(x0, y0)
 
 
-def write_cog(values: np.ndarray, transform: Affine, epsg: int, uri: str) -> None:
-    """[y, x, band] float32 (NaN = no data) -> a COG at `uri`, overviews averaged."""
+def write_cog(values: np.ndarray, transform: Affine, epsg: int, uri: str, *,
+              nodata: float = float("nan"), overviews: str = "average",
+              band_name: str | None = "embedding") -> None:
+    """[y, x, band] (its dtype kept) -> a COG at `uri`, written locally then published whole."""
     height, width, bands = values.shape
     profile = {"driver": "COG", "width": width, "height": height, "count": bands,
-               "dtype": "float32", "crs": f"EPSG:{epsg}", "transform": transform,
-               "nodata": float("nan"), "compress": "deflate", "predictor": 3,
-               "blocksize": 256, "overview_resampling": "average", "BIGTIFF": "IF_SAFER"}
+               "dtype": values.dtype.name, "crs": f"EPSG:{epsg}", "transform": transform,
+               "nodata": nodata, "compress": "deflate", "blocksize": 256,
+               "overview_resampling": overviews, "BIGTIFF": "IF_SAFER",
+               **({"predictor": 3} if values.dtype.kind == "f" else {})}
     with tempfile.TemporaryDirectory() as folder:
         local = str(Path(folder) / "block.tif")
         with rasterio.open(local, "w", **profile) as dst:
-            dst.write(np.moveaxis(values.astype("float32"), -1, 0))
-            for band in range(bands):
-                dst.set_band_description(band + 1, f"embedding_{band}")
+            dst.write(np.moveaxis(values, -1, 0))
+            for band in range(bands if band_name else 0):
+                dst.set_band_description(band + 1, f"{band_name}_{band}")
         storage.put_file_atomic(local, uri)
 
 
@@ -52,6 +55,6 @@ def export_cogs(layer_uri: str, blocks: dict[str, tuple[np.ndarray, np.ndarray]]
     for name, (cols, rows) in blocks.items():
         y, x, transform = block_window(grid, cols, rows)
         uri = storage.join(out_uri, f"{name}.tif")
-        write_cog(embeddings(ds, y, x), transform, grid.epsg, uri)
+        write_cog(embeddings(ds, y, x).astype("float32"), transform, grid.epsg, uri)
         written.append(uri)
     return written

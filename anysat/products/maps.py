@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import io
 import math
-import tempfile
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
-import rasterio
 import xarray as xr
 from PIL import Image
 
 from .. import storage
 from ..errors import AnySatError
-from .cog import block_window
+from .cog import block_window, write_cog
 from .zarr_layer import LayerGrid, embeddings, layer_grid
 
 NO_CLASS = 255
@@ -152,15 +149,9 @@ def write_class_cogs(ds: xr.Dataset, predict: Callable[[np.ndarray], np.ndarray]
         classes = np.full(len(flat), NO_CLASS, dtype=np.uint8)
         if ok.any():
             classes[ok] = predict(flat[ok]).astype(np.uint8)
-        profile = {"driver": "COG", "width": w, "height": h, "count": 1, "dtype": "uint8",
-                   "crs": f"EPSG:{grid.epsg}", "transform": transform, "nodata": NO_CLASS,
-                   "compress": "deflate", "blocksize": 256, "overview_resampling": "mode"}
         uri = storage.join(out_uri, f"{name}.tif")
-        with tempfile.TemporaryDirectory() as folder:
-            local = str(Path(folder) / "classes.tif")
-            with rasterio.open(local, "w", **profile) as dst:
-                dst.write(classes.reshape(1, h, w))
-            storage.put_file_atomic(local, uri)
+        write_cog(classes.reshape(h, w, 1), transform, grid.epsg, uri, nodata=NO_CLASS,
+                  overviews="mode", band_name=None)
         written.append(uri)
     return written
 
