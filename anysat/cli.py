@@ -10,7 +10,7 @@ import os
 import sys
 
 from .errors import AnySatError
-from .request import DEFAULT_MODEL, DEFAULT_SENSORS, RegionRequest
+from .request import DEFAULT_MODEL, DEFAULT_SENSORS, INT8_FROM_KM2, RegionRequest
 
 DEMO_BBOX = (5.3189, 50.6286, 5.3334, 50.6378)  # the demo catalog's 1 km2 in Belgium
 DEMO_DATES = ("2020-11-01", "2021-10-31")
@@ -53,16 +53,18 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--quantize", default="none", choices=["none", "int8"],
+    parser.add_argument("--quantize", default="auto", choices=["auto", "none", "int8"],
                         help="int8: layers a quarter of the size (a per-pixel scale; the rule is "
-                             "in the layer's attributes)")
+                             "in the layer's attributes); auto (default): int8 for regions over "
+                             f"{INT8_FROM_KM2:,.0f} km2, else float32")
     parser.add_argument("--products", default="",
                         help="comma-separated, besides the layer and its preview: cog (a GeoTIFF "
                              "per block of tiles), vectors (GeoParquet of patches and tiles), "
                              "clusters (k-means map), classes (a linear-probe map of --labels)")
     parser.add_argument("--clusters", type=int, default=8, help="k of the cluster map")
-    parser.add_argument("--labels", help="labelled points for the class map: GeoJSON Points with "
-                                         "a `label` property, or Parquet/CSV with lon, lat, label")
+    parser.add_argument("--labels", help="labels for the class map: GeoJSON Points or Polygons "
+                                         "with a `label` property, or Parquet/CSV points with "
+                                         "lon, lat, label")
 
 
 def _read_geojson(path: str | None) -> dict | None:

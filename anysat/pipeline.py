@@ -30,9 +30,10 @@ from .modalities import resolve_sensors
 from .plan import RunPlan, make_plan
 from .products import create_layer, maps, write_tile
 from .products.cog import export_cogs
+from .products.stac import write_stac
 from .products.vectors import layer_vectors
 from .products.zarr_layer import read_layer
-from .request import RegionRequest
+from .request import INT8_FROM_KM2, RegionRequest
 from .stac import resolve_provider
 from .stac.search import no_items_message
 from .stac.signing import url_signer
@@ -64,6 +65,9 @@ def plan_run(request: RegionRequest, create_layers: bool = True) -> RunPlan:
     provider = resolve_provider(request.catalog)
     model = get_model(request.model, request.sensors)
     plan = make_plan(request, weights_sha256(model), model.config.dim)
+    if request.quantize == "auto" and request.layer_dtype == "int8":
+        log.info("region of %.0f km2 (over %.0f): layers stored as int8 with a per-pixel scale "
+                 "(--quantize none keeps float32)", request.area_km2, INT8_FROM_KM2)
     for spec in specs:
         with_items = int((plan.tiles[f"items.{spec.name}"].map(len) > 0).sum())
         if not with_items:
@@ -184,7 +188,8 @@ def tile_batches(plan: RunPlan) -> list[list[str]]:
 
 
 def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
-    """Write each zone's preview, then the manifest: its presence means the run is complete."""
+    """Write each zone's preview and products, their STAC, then the manifest: its presence
+    means the run is complete."""
     failed = [r for r in results if "failed" in r]
     if failed:
         listed = "; ".join(r["failed"] for r in failed[:10])
@@ -224,15 +229,17 @@ def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
                                         any(r["valid_patches"] for r in in_zone))})
         log.info("EPSG:%d: layer %s, preview %s (%dx%d px)", zone.epsg, plan.layer_uri(zone.epsg),
                  plan.preview_uri(zone.epsg), width, height)
+    finished = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    stac = write_stac(plan, get_model(plan.request.model, plan.request.sensors), layers, finished)
     manifest = {
         "request": plan.request.model_dump(mode="json"),
         "plan": plan.plan_uri, "plan_hash": plan.hash, "model_sha256": plan.fingerprint["model_sha256"],
-        "layers": layers, "manifest": plan.manifest_uri,
+        "layers": layers, "stac": stac, "manifest": plan.manifest_uri,
         "tiles": len(plan.tiles), "area_km2": round(plan.area_km2, 4),
         "patches_with_data": sum(r["valid_patches"] for r in results),
         "tiles_without_data": without_data,
         "embedding_dim": plan.zones[0].grid.dim, "seconds": round(seconds, 2),
-        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "finished": finished,
     }
     storage.write_bytes_atomic(plan.manifest_uri, json.dumps(manifest, indent=2).encode())
     log.info("wrote %d layer(s) and the manifest %s", len(layers), plan.manifest_uri)
@@ -263,8 +270,8 @@ def write_products(plan: RunPlan, epsg: int, preview_s: float, has_data: bool) -
         if kind == "clusters":
             predict, names = maps.kmeans(maps.sample_pixels(ds), request.clusters), None
         else:
-            predict, names, used = maps.linear_probe(ds, *maps.read_points(request.labels))
-            log.info("EPSG:%d class map: %d labelled points, classes %s", epsg, used, names)
+            predict, names, used = maps.linear_probe(*maps.labelled_embeddings(ds, request.labels))
+            log.info("EPSG:%d class map: %d labelled patches, classes %s", epsg, used, names)
         png = storage.join(plan.uri, "maps", f"EPSG{epsg}_{kind}.png")
         maps.write_png(maps.render(ds, maps.class_colour(predict), PREVIEW_MAX_SIDE, pool="first"), png)
         products[kind] = {"png": png, "cogs": maps.write_class_cogs(

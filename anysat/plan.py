@@ -59,7 +59,10 @@ class PlanMismatchError(AnySatError):
 
 def fingerprint(request: RegionRequest, specs: list[ModalitySpec], model_sha256: str) -> dict:
     fields = request.model_dump(mode="json", include=set(FINGERPRINT_FIELDS))
-    return {**fields, "sensors": [s.name for s in specs], "model_sha256": model_sha256}
+    # what the layer holds, so `auto` and the dtype it resolves to are the same run
+    quantize = "int8" if request.layer_dtype == "int8" else "none"
+    return {**fields, "quantize": quantize, "sensors": [s.name for s in specs],
+            "model_sha256": model_sha256}
 
 
 def fingerprint_hash(fields: dict) -> str:
@@ -309,8 +312,7 @@ def make_plan(request: RegionRequest, model_sha256: str, dim: int, *, uri: str |
         tables.append(_plan_zone(uri, request, specs, zone))
         grid = LayerGrid(zone.epsg, zone.size_m, request.patch_size_m, int(zone.cols.min()),
                          int(zone.rows.max()), int(np.ptp(zone.cols)) + 1,
-                         int(np.ptp(zone.rows)) + 1, dim,
-                         "int8" if request.quantize == "int8" else "float32")
+                         int(np.ptp(zone.rows)) + 1, dim, request.layer_dtype)
         zone_plans.append(ZonePlan(zone.epsg, grid, len(zone)))
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
     geometry = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))

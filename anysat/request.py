@@ -17,6 +17,7 @@ from .sizes import is_multiple
 DEFAULT_SENSORS = ("sentinel-2-l2a", "sentinel-1", "copernicus-dem")
 DEFAULT_MODEL = "demo"  # the pretrained checkpoint that ships (catalogs/checkpoints/demo)
 MAX_TILE_SIZE_M = 20_000.0  # 2,000 x 2,000 px of Sentinel-2 per tile and date
+INT8_FROM_KM2 = 10_000.0  # `quantize="auto"` stores larger regions' layers as int8
 
 
 class RegionRequest(BaseModel):
@@ -41,11 +42,12 @@ class RegionRequest(BaseModel):
     max_cloud: float | None = Field(default=None, ge=0, le=100)  # scene cloud cover, %
     time_bin: str | None = None  # median per period, a pandas offset alias ("MS" = monthly)
     cube_backend: Literal["odc-stac", "stackstac"] = "odc-stac"
-    quantize: Literal["none", "int8"] = "none"  # int8: a quarter of the size, per-pixel scale
+    # int8: a quarter of the size, per-pixel scale; auto: int8 for regions over INT8_FROM_KM2
+    quantize: Literal["auto", "none", "int8"] = "auto"
     # products besides the layer and its preview, and their options
     products: tuple[Literal["cog", "vectors", "clusters", "classes"], ...] = ()
     clusters: int = Field(default=8, ge=2, le=255)   # k of the k-means cluster map
-    labels: str | None = None  # labelled points (GeoJSON, Parquet, CSV) for the class map
+    labels: str | None = None  # labelled points or polygons (GeoJSON, Parquet, CSV): class map
 
     @model_validator(mode="after")
     def _check(self) -> RegionRequest:
@@ -95,7 +97,7 @@ class RegionRequest(BaseModel):
         if self.dtype == "fp16" and self.device == "cpu":
             raise ValueError("dtype fp16 needs a CUDA device; on CPU use fp32 or bf16")
         if "classes" in self.products and not self.labels:
-            raise ValueError("the classes product needs labelled points (labels / --labels)")
+            raise ValueError("the classes product needs labelled points or polygons (labels / --labels)")
         self.geometry  # noqa: B018 - parse the GeoJSON now, so a bad one fails here
         return self
 
@@ -139,6 +141,14 @@ class RegionRequest(BaseModel):
             return shape(gj["geometry"] if gj.get("type") == "Feature" else gj)
         except (KeyError, TypeError, ValueError, AttributeError, ShapelyError) as exc:
             raise ValueError(f"geojson is not a valid Geometry, Feature or FeatureCollection: {exc}")
+
+    @property
+    def layer_dtype(self) -> Literal["int8", "float32"]:
+        """How the layer stores embeddings: int8 when asked, or for a large region on auto
+        (cosine to float32 above 0.9999, 0.37x the size)."""
+        if self.quantize == "auto":
+            return "int8" if self.area_km2 > INT8_FROM_KM2 else "float32"
+        return "int8" if self.quantize == "int8" else "float32"
 
     @property
     def area_km2(self) -> float:

@@ -77,6 +77,7 @@ def embed_region(request: RegionRequest) -> dict:
             f"| area | {manifest['area_km2']:.2f} km² |\n"
             f"| patches with data | {manifest['patches_with_data']} |\n"
             f"| time | {manifest['seconds']:.1f} s |\n| plan | `{manifest['plan']}` |\n"
+            f"| STAC | `{manifest['stac']}` |\n"
             + "".join(zone_rows(z) for z in manifest["layers"])),
         description="What embed-region wrote")
     return manifest

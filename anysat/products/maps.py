@@ -1,8 +1,9 @@
 """Maps of an embedding layer, made tile by tile so that a continent's layer is never in memory:
-a PCA-RGB preview, a k-means cluster map, and a linear-probe class map from labelled points.
+a PCA-RGB preview, a k-means cluster map, and a linear-probe class map from labelled points
+or polygons.
 
 Each model (PCA axes, k-means centres, a logistic regression) is fitted on a bounded sample of
-the layer's pixels (or on the labelled points), then applied tile by tile. Previews are PNGs at
+the layer's pixels (or on the labelled patches), then applied tile by tile. Previews are PNGs at
 most `max_side` pixels wide (tiles average-pooled); class and cluster maps are also written at
 full resolution as uint8 COGs per block of tiles (255 = no data).
 """
@@ -15,7 +16,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import xarray as xr
+from affine import Affine
 from PIL import Image
+from shapely.geometry.base import BaseGeometry
 
 from .. import storage
 from ..errors import AnySatError
@@ -24,6 +27,7 @@ from .zarr_layer import LayerGrid, embeddings, layer_grid
 
 NO_CLASS = 255
 SAMPLE = 20_000  # pixels a map's model is fitted on
+POLYGON_PATCHES = 2_000  # patches a labelled polygon contributes at most
 
 
 def _tiles(grid: LayerGrid) -> Iterator[tuple[slice, slice]]:
@@ -182,17 +186,45 @@ def point_embeddings(ds: xr.Dataset, lon: np.ndarray, lat: np.ndarray) -> np.nda
     return out
 
 
-def linear_probe(ds: xr.Dataset, lon: np.ndarray, lat: np.ndarray, labels: np.ndarray
+def polygon_embeddings(ds: xr.Dataset, polygon: BaseGeometry, limit: int = POLYGON_PATCHES,
+                       seed: int = 0) -> np.ndarray:
+    """Embeddings [n, D] of the layer's patches whose centres lie inside a lon/lat polygon and
+    have data (a seeded sample of at most `limit`); only the polygon's window is read."""
+    from pyproj import Transformer
+    from rasterio.features import geometry_mask
+    from shapely.ops import transform as reproject
+
+    grid = layer_grid(ds)
+    to_grid = Transformer.from_crs(4326, grid.epsg, always_xy=True).transform
+    shape = reproject(to_grid, polygon)
+    west, south, east, north = shape.bounds
+    height, width = ds["embedding"].shape[:2]
+    c0, r0 = ~grid.transform * (west, north)
+    c1, r1 = ~grid.transform * (east, south)
+    y = slice(max(int(np.floor(r0)), 0), min(int(np.ceil(r1)), height))
+    x = slice(max(int(np.floor(c0)), 0), min(int(np.ceil(c1)), width))
+    if y.start >= y.stop or x.start >= x.stop:
+        return np.empty((0, grid.dim), np.float32)
+    window = grid.transform * Affine.translation(x.start, y.start)
+    inside = geometry_mask([shape], (y.stop - y.start, x.stop - x.start), window, invert=True)
+    values = embeddings(ds, y, x)[inside]
+    values = values[np.isfinite(values).all(axis=1)]
+    if len(values) > limit:
+        values = values[np.random.default_rng(seed).choice(len(values), limit, replace=False)]
+    return values
+
+
+def linear_probe(values: np.ndarray, labels: np.ndarray
                  ) -> tuple[Callable[[np.ndarray], np.ndarray], list[str], int]:
-    """A logistic regression of the labels on the layer's embeddings at the points; the
-    predictor (class index per embedding), the class names, and how many points it used."""
+    """A logistic regression of the labels on embeddings [n, D] (NaN rows: points without
+    data, left out); the predictor (class index per embedding), the class names, and how
+    many samples it used."""
     from sklearn.linear_model import LogisticRegression
 
-    values = point_embeddings(ds, lon, lat)
     ok = np.isfinite(values).all(axis=1)
     names, index = np.unique(np.asarray(labels)[ok].astype(str), return_inverse=True)
     if ok.sum() < 2 or len(names) < 2:
-        raise AnySatError(f"{int(ok.sum())} labelled points fall on patches with data, with "
+        raise AnySatError(f"{int(ok.sum())} labelled patches with data, in "
                           f"{len(names)} classes: a class map needs at least 2 of each")
     if len(names) > NO_CLASS:
         raise AnySatError(f"{len(names)} classes: a class map holds at most {NO_CLASS}")
@@ -200,22 +232,35 @@ def linear_probe(ds: xr.Dataset, lon: np.ndarray, lat: np.ndarray, labels: np.nd
     return (lambda v: model.predict(v.astype(np.float32)).astype(np.uint8)), [str(n) for n in names], int(ok.sum())
 
 
-def read_points(uri: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Labelled points: GeoJSON Points with a `label` property, or a table (Parquet, CSV) with
-    `lon`, `lat` and `label` columns. Returns lon, lat, label arrays."""
+def labelled_embeddings(ds: xr.Dataset, uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings [n, D] and labels from labels at `uri`: GeoJSON features with a `label`
+    property (a Point gives the patch under it, a Polygon or MultiPolygon the patches whose
+    centres it holds), or a table (Parquet, CSV) of `lon`, `lat`, `label` points."""
     import json
 
     import pandas as pd
+    from shapely.geometry import shape
 
+    hint = ("(GeoJSON Points or Polygons with a `label` property, or a table with lon, lat, "
+            "label)")
     try:
-        if uri.endswith((".geojson", ".json")):
-            features = json.loads(storage.read_bytes(uri))["features"]
-            coords = np.array([f["geometry"]["coordinates"][:2] for f in features], dtype=float)
-            labels = np.array([f["properties"]["label"] for f in features])
-            return coords[:, 0], coords[:, 1], labels
-        table = (pd.read_csv if uri.endswith(".csv") else pd.read_parquet)(uri)
-        return table["lon"].to_numpy(float), table["lat"].to_numpy(float), table["label"].to_numpy()
-    except (OSError, KeyError, TypeError, ValueError, IndexError) as exc:
-        raise AnySatError(f"cannot read labelled points {uri}: {type(exc).__name__}: {exc} "
-                          "(GeoJSON Points with a `label` property, or a table with lon, lat, "
-                          "label)") from None
+        if not uri.endswith((".geojson", ".json")):
+            table = (pd.read_csv if uri.endswith(".csv") else pd.read_parquet)(uri)
+            lon, lat = table["lon"].to_numpy(float), table["lat"].to_numpy(float)
+            return point_embeddings(ds, lon, lat), table["label"].to_numpy()
+        features = json.loads(storage.read_bytes(uri))["features"]
+        parts, labels = [], []
+        for i, feature in enumerate(features):
+            geometry, label = shape(feature["geometry"]), feature["properties"]["label"]
+            if geometry.geom_type == "Point":
+                values = point_embeddings(ds, np.array([geometry.x]), np.array([geometry.y]))
+            elif geometry.geom_type in ("Polygon", "MultiPolygon"):
+                values = polygon_embeddings(ds, geometry, seed=i)
+            else:
+                raise AnySatError(f"labels {uri}: feature {i} is a {geometry.geom_type}; "
+                                  f"labels are Points or Polygons {hint}")
+            parts.append(values)
+            labels += [label] * len(values)
+    except (OSError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise AnySatError(f"cannot read labels {uri}: {type(exc).__name__}: {exc} {hint}") from None
+    return np.concatenate(parts) if parts else np.empty((0, 0)), np.array(labels)

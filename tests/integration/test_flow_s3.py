@@ -7,15 +7,17 @@ import json
 
 import fsspec
 import numpy as np
-import rioxarray  # noqa: F401 - .rio accessor
+import odc.stac
 import pyarrow.parquet as pq
 import pytest
+import rioxarray  # noqa: F401 - .rio accessor
 import rasterio
 import rasterio.io
 import xarray as xr
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from anysat import load_model
+from anysat.products.stac import load_items, validate
 from anysat.request import RegionRequest
 from tests.conftest import DEMO_BBOX
 
@@ -59,6 +61,15 @@ def test_flow_writes_layer_to_s3(prefect_api, s3_endpoint):
         np.testing.assert_array_equal(np.moveaxis(src.read(), 0, -1), emb)
     with fs.open(zone["vectors"]["patches"], "rb") as f:
         assert pq.read_table(f).num_rows == 18 * 18
+
+    # its STAC, validated offline on S3, and loaded back by odc-stac through GDAL's S3 reader
+    assert manifest["stac"] == "s3://anysat/demo-run/stac/collection.json"
+    assert validate(manifest["stac"]) == 3
+    host = s3_endpoint.removeprefix("http://")
+    with rasterio.Env(AWS_S3_ENDPOINT=host, AWS_HTTPS="NO", AWS_VIRTUAL_HOSTING="FALSE"):
+        loaded = odc.stac.load(load_items(manifest["stac"]), chunks=None).isel(time=0)
+    values = np.stack([loaded[f"embeddings.{b + 1}"].values for b in range(emb.shape[-1])], axis=-1)
+    np.testing.assert_array_equal(values, emb)
 
 
 def test_bad_flow_parameters_fail_before_any_work(prefect_api, tmp_path):

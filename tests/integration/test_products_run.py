@@ -146,3 +146,117 @@ def test_preview_of_a_large_layer_never_holds_the_layer(tmp_path):
     assert result.returncode == 0, result.stderr
     assert float(result.stdout) < 60            # MB more than before drawing: never the layer
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def _stac_document(collection_uri: str, rel: str) -> tuple[str, dict]:
+    collection = json.loads(Path(collection_uri).read_text())
+    [link] = [link for link in collection["links"] if link["rel"] == rel][:1]
+    path = Path(collection_uri).parent / link["href"]
+    return str(path), json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("kind", ["float", "int8"])
+def test_stac_is_valid_offline_against_core_and_extension_schemas(runs, kind):
+    from anysat.products.stac import validate
+
+    run = runs[kind]
+    assert validate(run["stac"]) == 3  # the Collection, the model Item and the one block's Item
+    collection = json.loads(Path(run["stac"]).read_text())
+    dim = layer_grid(read_layer(run["layers"][0]["layer"])).dim
+    assert collection["emb:dimensions"] == dim and collection["emb:type"] == "pixel"
+    assert collection["data_type"] == {"float": "float32", "int8": "int8"}[kind]
+    _, item = _stac_document(run["stac"], "item")
+    # without COGs the block's embeddings are the zone's Zarr layer
+    expected = run["layers"][0]["cogs"][0] if kind == "int8" else run["layers"][0]["layer"]
+    assert item["assets"]["embeddings"]["href"] == expected
+    _, model = _stac_document(run["stac"], "emb:model")
+    weights = model["assets"]["weights"]
+    import hashlib
+    assert weights["file:checksum"] == "1220" + hashlib.sha256(Path(weights["href"]).read_bytes()).hexdigest()
+    assert [i["name"] for i in model["properties"]["mlm:input"]] == list(run["request"]["sensors"])
+    assert model["properties"]["mlm:output"][0]["result"]["shape"][1] == dim
+
+
+@pytest.mark.parametrize("document,field,bad", [
+    ("collection", "emb:dimensions", "192"),
+    ("collection", "emb:type", "tile"),
+    ("item", "proj:shape", [30]),
+    ("emb:model", "mlm:tasks", ["embedding"]),
+    ("emb:model", "mlm:input", None),
+])
+def test_stac_schemas_reject_a_wrong_field(runs, tmp_path, document, field, bad):
+    """The schemas kept in the repo guard: one wrong field makes validation fail."""
+    import shutil
+
+    from pystac.errors import STACValidationError
+
+    from anysat.products.stac import validate
+
+    folder = tmp_path / "stac"
+    shutil.copytree(Path(runs["int8"]["stac"]).parent, folder)
+    if document == "collection":
+        path, doc = str(folder / "collection.json"), json.loads((folder / "collection.json").read_text())
+        target = doc
+    else:
+        path, doc = _stac_document(str(folder / "collection.json"), document)
+        target = doc["properties"]
+    if bad is None:
+        target.pop(field)
+    else:
+        target[field] = bad
+    Path(path).write_text(json.dumps(doc))
+    with pytest.raises(STACValidationError):
+        validate(str(folder / "collection.json"))
+
+
+def test_odc_stac_loads_the_block_items_into_the_layers_array(runs):
+    import odc.stac
+
+    from anysat.products.stac import load_items
+
+    run = runs["int8"]
+    layer = read_layer(run["layers"][0]["layer"])
+    grid = layer_grid(layer)
+    loaded = odc.stac.load(load_items(run["stac"]), chunks=None).isel(time=0)
+    bands = [f"embeddings.{b + 1}" for b in range(grid.dim)]
+    values = np.stack([loaded[b].values for b in bands], axis=-1)
+    assert loaded.odc.geobox.crs.epsg == grid.epsg
+    assert loaded.odc.geobox.affine == grid.transform
+    np.testing.assert_array_equal(values, embeddings(layer))
+    assert "clusters" in loaded and "classes" in loaded
+
+
+def test_polygon_labels_give_the_patches_whose_centres_they_hold(runs, tmp_path):
+    from pyproj import Transformer
+
+    from anysat.errors import AnySatError
+    from anysat.products import maps
+
+    ds = read_layer(runs["int8"]["layers"][0]["layer"])
+    west, south, east, north = DEMO_BBOX
+    middle = (south + north) / 2
+    halves = {"north": box(west, middle, east, north), "south": box(west, south, east, middle)}
+    labels = tmp_path / "polygons.geojson"
+    labels.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": shapely.geometry.mapping(poly), "properties": {"label": name}}
+        for name, poly in halves.items()]}))
+    values, names = maps.labelled_embeddings(ds, str(labels))
+    # expected: patches with data whose centre, in lon/lat, lies in each half
+    grid = layer_grid(ds)
+    xs, ys = np.meshgrid(ds.x.values, ds.y.values)
+    lon, lat = Transformer.from_crs(grid.epsg, 4326, always_xy=True).transform(xs, ys)
+    has_data = np.isfinite(embeddings(ds)).all(-1)
+    for name, poly in halves.items():
+        inside = shapely.contains_xy(poly, lon, lat) & has_data
+        assert (names == name).sum() == inside.sum() > 0
+        np.testing.assert_array_equal(np.sort(values[names == name], axis=0),
+                                      np.sort(embeddings(ds)[inside], axis=0))
+    predict, classes, used = maps.linear_probe(values, names)
+    assert classes == ["north", "south"] and used == len(values)
+
+    line = tmp_path / "line.geojson"
+    line.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature",
+        "geometry": {"type": "LineString", "coordinates": [[west, south], [east, north]]},
+        "properties": {"label": "x"}}]}))
+    with pytest.raises(AnySatError, match="feature 0 is a LineString; labels are Points or Polygons"):
+        maps.labelled_embeddings(ds, str(line))

@@ -54,3 +54,18 @@ def test_patch_size_not_multiple_of_gsd_names_the_sensor():
 def test_tile_size_not_multiple_of_patch():
     with pytest.raises(RequestError, match="tile_size_m 500 is not a multiple of patch_size_m 30"):
         build(tile_size_m=500)
+
+
+def test_auto_quantize_stores_large_regions_as_int8_and_is_the_same_run_as_int8():
+    from anysat.plan import fingerprint
+
+    belgium = (2.5, 49.5, 6.4, 51.5)  # about 55,000 km2
+    small = RegionRequest.build(start="2021-01-01", end="2021-06-30", bbox=DEMO_BBOX)
+    large = RegionRequest.build(start="2021-01-01", end="2021-06-30", bbox=belgium)
+    assert small.quantize == large.quantize == "auto"
+    assert small.layer_dtype == "float32" and large.layer_dtype == "int8"
+    assert large.model_copy(update={"quantize": "none"}).layer_dtype == "float32"
+    specs = large.modality_specs()
+    as_int8 = large.model_copy(update={"quantize": "int8"})
+    assert fingerprint(large, specs, "sha") == fingerprint(as_int8, specs, "sha")
+    assert fingerprint(small, specs, "sha")["quantize"] == "none"
