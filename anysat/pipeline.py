@@ -230,11 +230,13 @@ def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
         log.info("EPSG:%d: layer %s, preview %s (%dx%d px)", zone.epsg, plan.layer_uri(zone.epsg),
                  plan.preview_uri(zone.epsg), width, height)
     finished = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    started = time.perf_counter()
     stac = write_stac(plan, get_model(plan.request.model, plan.request.sensors), layers, finished)
+    stac_s = round(time.perf_counter() - started, 3)
     manifest = {
         "request": plan.request.model_dump(mode="json"),
         "plan": plan.plan_uri, "plan_hash": plan.hash, "model_sha256": plan.fingerprint["model_sha256"],
-        "layers": layers, "stac": stac, "manifest": plan.manifest_uri,
+        "layers": layers, "stac": stac, "stac_seconds": stac_s, "manifest": plan.manifest_uri,
         "tiles": len(plan.tiles), "area_km2": round(plan.area_km2, 4),
         "patches_with_data": sum(r["valid_patches"] for r in results),
         "tiles_without_data": without_data,

@@ -128,6 +128,7 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
     area = manifest["area_km2"]
     product_s = {k: sum(z["product_seconds"].get(k, 0) for z in manifest["layers"])
                  for k in ("preview", *products)}
+    product_s["stac"] = manifest["stac_seconds"]
     return {"case": f"demo_repeated_{tiles}_tiles", "tiles": tiles, "batch_size": batch_size,
             "device": device, "dtype": dtype, "model": model, "area_km2": area,
             "torch_threads": torch.get_num_threads(), "seconds": round(seconds, 2),
