@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import rasterio
 import shapely
+from rio_cogeo.cogeo import cog_validate
 from shapely.geometry import box
 
 from anysat.products import embeddings, read_layer
@@ -65,6 +66,7 @@ def test_cog_has_the_layers_grid_nodata_and_values(runs):
     ds = read_layer(zone["layer"])
     grid = layer_grid(ds)
     [cog] = zone["cogs"]
+    assert cog_validate(cog) == (True, [], [])  # tiled, overviews, header first
     with rasterio.open(cog) as src:
         assert src.crs.to_epsg() == grid.epsg and np.isnan(src.nodata) and src.count == grid.dim
         values = np.moveaxis(src.read(), 0, -1)
@@ -109,6 +111,7 @@ def test_cluster_and_class_maps_have_the_layers_grid(runs, kind, classes):
     grid = layer_grid(ds)
     has_data = np.isfinite(embeddings(ds)).all(-1)
     product = zone[kind]
+    assert cog_validate(product["cogs"][0])[0]
     with rasterio.open(product["cogs"][0]) as src:
         assert src.crs.to_epsg() == grid.epsg and src.transform == grid.transform
         assert src.nodata == 255 and src.dtypes == ("uint8",)
