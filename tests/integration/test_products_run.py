@@ -176,8 +176,15 @@ def test_stac_is_valid_offline_against_core_and_extension_schemas(runs, kind):
     weights = model["assets"]["weights"]
     import hashlib
     assert weights["file:checksum"] == "1220" + hashlib.sha256(Path(weights["href"]).read_bytes()).hexdigest()
-    assert [i["name"] for i in model["properties"]["mlm:input"]] == list(run["request"]["sensors"])
-    assert model["properties"]["mlm:output"][0]["result"]["shape"][1] == dim
+    # read back through pystac's MLM extension
+    import pystac
+    from pystac.extensions.mlm import MLMExtension
+
+    mlm = MLMExtension.ext(pystac.Item.from_dict(model))
+    assert mlm.mlm_name == f"anysat-{run['request']['model']}" and mlm.pretrained
+    assert [i.name for i in mlm.input] == list(run["request"]["sensors"])
+    assert mlm.input[0].input.dim_order == ["batch", "time", "bands", "height", "width"]
+    assert mlm.output[0].result.shape == [-1, dim, -1, -1]
 
 
 @pytest.mark.parametrize("document,field,bad", [
