@@ -23,7 +23,7 @@ import torch
 from . import geoparquet, storage
 from .batch import stack_samples
 from .cube.batch import load_items_batch
-from .errors import CheckpointError, NoItemsError, TileReadError, TilesFailedError
+from .errors import CheckpointError, NoItemsError, RequestError, TileReadError, TilesFailedError
 from .model import AnySat, load_model
 from .model.checkpoint import weights_sha256
 from .modalities import resolve_sensors
@@ -63,6 +63,8 @@ def plan_run(request: RegionRequest, create_layers: bool = True) -> RunPlan:
     empty layer of each UTM zone."""
     specs = request.modality_specs()
     provider = resolve_provider(request.catalog)
+    if request.labels and not storage.exists(request.labels):
+        raise RequestError(f"labels {request.labels}: no such file (the class map needs it)")
     model = get_model(request.model, request.sensors)
     plan = make_plan(request, weights_sha256(model), model.config.dim)
     if request.quantize == "auto" and request.layer_dtype == "int8":

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
-from shapely.geometry import MultiPolygon, box, shape
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      model_validator)
 from shapely.errors import ShapelyError
+from shapely.geometry import MultiPolygon, box, shape
 from shapely.geometry.base import BaseGeometry
+from shapely.validation import explain_validity
 
 from .errors import RequestError
 from .modalities import ModalitySpec, resolve_sensors
@@ -20,6 +22,26 @@ MAX_TILE_SIZE_M = 20_000.0  # 2,000 x 2,000 px of Sentinel-2 per tile and date
 INT8_FROM_KM2 = 10_000.0  # `quantize="auto"` stores larger regions' layers as int8
 
 
+def _iso_date(value: Any) -> Any:
+    """Dates as YYYY-MM-DD (or date objects): pydantic alone would take '2020' as an error
+    without the value and a Unix timestamp as a date."""
+    if isinstance(value, (dt.date, dt.datetime)) or value is None:
+        return value
+    try:
+        return dt.date.fromisoformat(str(value)) if len(str(value)) == 10 else _bad_date(value)
+    except ValueError:
+        return _bad_date(value)
+
+
+def _bad_date(value: Any):
+    raise ValueError(f"{value!r} is not a date as YYYY-MM-DD")
+
+
+IsoDate = Annotated[dt.date, BeforeValidator(_iso_date)]
+# metres: positive and finite (inf and nan would overflow the tile grid)
+Metres = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
 class RegionRequest(BaseModel):
     """Region (lon/lat bbox or GeoJSON), dates (inclusive), sensors, sizes in metres, output."""
 
@@ -27,11 +49,11 @@ class RegionRequest(BaseModel):
 
     bbox: tuple[float, float, float, float] | None = None
     geojson: dict[str, Any] | None = None
-    start: dt.date
-    end: dt.date
+    start: IsoDate
+    end: IsoDate
     sensors: tuple[str, ...] = DEFAULT_SENSORS
-    patch_size_m: PositiveFloat = 30.0
-    tile_size_m: PositiveFloat = 600.0
+    patch_size_m: Metres = 30.0
+    tile_size_m: Metres = 600.0
     catalog: str = "demo"
     output_uri: str = "outputs"
     model: str = DEFAULT_MODEL
@@ -82,10 +104,12 @@ class RegionRequest(BaseModel):
             import pandas as pd
 
             try:
-                pd.tseries.frequencies.to_offset(self.time_bin)
+                offset = pd.tseries.frequencies.to_offset(self.time_bin)
             except ValueError:
-                raise ValueError(f"time_bin {self.time_bin!r} is not a pandas offset alias "
-                                 "(MS monthly, QS quarterly, 14D...)") from None
+                offset = None
+            if offset is None or offset.n <= 0:
+                raise ValueError(f"time_bin {self.time_bin!r} is not a positive pandas offset "
+                                 "alias (MS monthly, QS quarterly, 14D...)")
         if self.device.startswith("cuda"):
             import torch
 
@@ -103,16 +127,11 @@ class RegionRequest(BaseModel):
 
     @classmethod
     def build(cls, **fields: Any) -> RegionRequest:
-        """Validate fields; a bad one raises RequestError naming it."""
+        """Validate fields; a bad one raises RequestError naming it and its value."""
         try:
             return cls.model_validate(fields)
         except ValidationError as exc:
-            problems = "; ".join(
-                (f"{'.'.join(str(p) for p in e['loc'])}: " if e["loc"] else "")
-                + e["msg"].removeprefix("Value error, ")
-                for e in exc.errors()
-            )
-            raise RequestError(f"invalid request: {problems}") from None
+            raise RequestError(f"invalid request: {describe_errors(exc)}") from None
 
     @property
     def crosses_antimeridian(self) -> bool:
@@ -132,15 +151,7 @@ class RegionRequest(BaseModel):
             return MultiPolygon([box(west, south, 180, north), box(-180, south, east, north)])
         if self.bbox is not None:
             return box(*self.bbox)
-        gj = self.geojson or {}
-        try:
-            if gj.get("type") == "FeatureCollection":
-                from shapely.ops import unary_union
-
-                return unary_union([shape(f["geometry"]) for f in gj["features"]])
-            return shape(gj["geometry"] if gj.get("type") == "Feature" else gj)
-        except (KeyError, TypeError, ValueError, AttributeError, ShapelyError) as exc:
-            raise ValueError(f"geojson is not a valid Geometry, Feature or FeatureCollection: {exc}")
+        return _region_from_geojson(self.geojson or {})
 
     @property
     def layer_dtype(self) -> Literal["int8", "float32"]:
@@ -167,3 +178,60 @@ class RegionRequest(BaseModel):
                     f"{spec.gsd_m:g} m GSD of sensor '{spec.name}'"
                 )
         return specs
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """pydantic's errors as one line, each naming the field and the value given."""
+    problems = []
+    for e in exc.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        message = e["msg"].removeprefix("Value error, ")
+        given = e.get("input")
+        if where and not isinstance(given, dict) and repr(given)[:60] not in message:
+            message += f" (got {given!r:.60})"
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)
+
+
+def _region_from_geojson(gj: dict) -> BaseGeometry:
+    """A GeoJSON Geometry, Feature or FeatureCollection as one lon/lat (multi)polygon, or a
+    ValueError saying what is wrong with it (RFC 7946: lon/lat degrees, no other CRS)."""
+    crs = (gj.get("crs") or {}).get("properties", {}).get("name", "") if isinstance(gj, dict) else ""
+    if crs and not crs.upper().endswith(("CRS84", "4326")):
+        raise ValueError(f"geojson declares CRS {crs!r}: GeoJSON regions are lon/lat degrees "
+                         "(EPSG:4326, RFC 7946); reproject it")
+    try:
+        if gj.get("type") == "FeatureCollection":
+            from shapely.ops import unary_union
+
+            parts = [shape(f["geometry"]) for f in gj["features"]]
+            region = unary_union(parts) if parts else None
+        else:
+            region = shape(gj["geometry"] if gj.get("type") == "Feature" else gj)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ShapelyError) as exc:
+        import json
+
+        raise ValueError(f"geojson is not a valid Geometry, Feature or FeatureCollection "
+                         f"({type(exc).__name__}: {exc}): {json.dumps(gj, default=str)[:120]}"
+                         ) from None
+    if region is None or region.is_empty:
+        raise ValueError("geojson holds no geometry (an empty FeatureCollection or geometry)")
+    if region.geom_type not in ("Polygon", "MultiPolygon"):
+        raise ValueError(f"geojson is a {region.geom_type}: a region must be a Polygon or "
+                         "MultiPolygon (buffer a point or line into one)")
+    west, south, east, north = region.bounds
+    if not (-180 <= west and east <= 180 and -90 <= south and north <= 90):
+        raise ValueError(f"geojson bounds {tuple(round(v, 3) for v in region.bounds)} are not "
+                         "lon/lat degrees: is it in a projected CRS? GeoJSON regions are "
+                         "EPSG:4326 (RFC 7946)")
+    if not region.is_valid:
+        raise ValueError(f"geojson polygon is not valid ({explain_validity(region)}): fix it, "
+                         "e.g. with shapely.make_valid, so that the region is the one meant")
+    for part in getattr(region, "geoms", [region]):
+        west, _, east, _ = part.bounds
+        if east - west > 180:  # most likely a ring drawn across the antimeridian
+            raise ValueError(
+                f"a geojson polygon spans {east - west:.1f} degrees of longitude ({west:g} to "
+                f"{east:g}): one across the antimeridian must be split in two at +/-180 "
+                "(RFC 7946 section 3.1.9), or give --bbox west,south,east,north with west > east")
+    return region
