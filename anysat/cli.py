@@ -227,9 +227,13 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 def run_plan(args: argparse.Namespace) -> None:
     if args.estimate:
         return estimate_plan(args)
+    from . import lease, storage
     from .pipeline import plan_run
 
-    plan = plan_run(request_from_args(args), create_layers=False)
+    request = request_from_args(args)
+    storage.check_writable(request.output_uri)
+    with lease.hold(request.output_uri, "anysat plan"):
+        plan = plan_run(request, create_layers=False)
     tiles = plan.tiles
     print(json.dumps({
         "plan": plan.plan_uri, "hash": plan.hash, "tiles": len(tiles),

@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from . import geoparquet, storage
+from . import geoparquet, lease, storage
 from .batch import stack_samples
 from .cube.batch import load_items_batch
 from .errors import CheckpointError, NoItemsError, RequestError, TileReadError, TilesFailedError
@@ -298,14 +298,17 @@ def write_products(plan: RunPlan, epsg: int, preview_s: float, has_data: bool) -
 
 
 def run_region(request: RegionRequest) -> dict:
-    """The whole run in this process (what `anysat embed` does without Prefect)."""
+    """The whole run in this process (what `anysat embed` does without Prefect), holding the
+    output's lease so that no other run writes into it meanwhile."""
     started = time.perf_counter()
-    plan = plan_run(request)
-    results: list[dict] = []
-    for ids in tile_batches(plan):
-        results.extend(embed_tiles(plan, ids))
-        area = sum(r["area_km2"] for r in results)
-        failed = sum("failed" in r for r in results)
-        log.info("progress: %d/%d tiles%s, %.2f/%.2f km2", len(results), len(plan.tiles),
-                 f" ({failed} failed)" if failed else "", area, plan.area_km2)
-    return finish_run(plan, results, time.perf_counter() - started)
+    storage.check_writable(request.output_uri)
+    with lease.hold(request.output_uri, "anysat embed"):
+        plan = plan_run(request)
+        results: list[dict] = []
+        for ids in tile_batches(plan):
+            results.extend(embed_tiles(plan, ids))
+            area = sum(r["area_km2"] for r in results)
+            failed = sum("failed" in r for r in results)
+            log.info("progress: %d/%d tiles%s, %.2f/%.2f km2", len(results), len(plan.tiles),
+                     f" ({failed} failed)" if failed else "", area, plan.area_km2)
+        return finish_run(plan, results, time.perf_counter() - started)

@@ -51,6 +51,43 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create the object whole unless it exists; False if it existed. Exclusive on local disks
+    (a hard link of a finished file) and S3 (a conditional PUT); elsewhere best effort."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
+        return True
+    if fs.exists(path):
+        return False
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except TypeError:  # a backend without exclusive writes
+        fs.pipe_file(path, data)
+    except (FileExistsError, OSError) as exc:
+        if fs.exists(path):
+            return False
+        raise exc
+    return True
+
+
+def remove(uri: str) -> None:
+    fs, path = filesystem(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def check_writable(uri: str) -> None:
     """Fail early, with the reason, when the output cannot be written."""
     probe = join(uri, f".write-probe-{uuid.uuid4().hex}")

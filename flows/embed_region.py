@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
 
-from anysat import pipeline  # noqa: E402
+from anysat import lease, pipeline, storage  # noqa: E402
 from anysat.cli import add_request_arguments, attach_negative_values, request_from_args  # noqa: E402
 from anysat.errors import AnySatError  # noqa: E402
 from anysat.request import RegionRequest  # noqa: E402
@@ -61,15 +61,17 @@ def embed_region(request: RegionRequest) -> dict:
     itself: the Prefect UI renders its form, and bad fields fail before any work."""
     logger = get_run_logger()
     started = time.perf_counter()
-    plan = plan_run(request)
-    batches = pipeline.tile_batches(plan)
-    futures = embed_batch.map(unmapped(request), unmapped(plan.hash), batches)
-    results: list[dict] = []
-    for future in as_completed(futures):
-        results.extend(future.result())
-        logger.info("progress: %d/%d tiles, %.2f/%.2f km2", len(results), len(plan.tiles),
-                    sum(r["area_km2"] for r in results), plan.area_km2)
-    manifest = finish_run(plan, results, time.perf_counter() - started)
+    storage.check_writable(request.output_uri)
+    with lease.hold(request.output_uri, "embed-region flow"):  # one writer per output
+        plan = plan_run(request)
+        batches = pipeline.tile_batches(plan)
+        futures = embed_batch.map(unmapped(request), unmapped(plan.hash), batches)
+        results: list[dict] = []
+        for future in as_completed(futures):
+            results.extend(future.result())
+            logger.info("progress: %d/%d tiles, %.2f/%.2f km2", len(results), len(plan.tiles),
+                        sum(r["area_km2"] for r in results), plan.area_km2)
+        manifest = finish_run(plan, results, time.perf_counter() - started)
     create_markdown_artifact(
         key="embed-region-summary",
         markdown=(

@@ -94,6 +94,26 @@ def test_killed_run_leaves_nothing_looking_complete_and_resumes(tmp_path):
     assert position_omega2(b.embedding.values, tile_px=20) < 0.15
 
 
+def test_a_second_run_into_an_output_being_written_is_refused(tmp_path):
+    """Two runs started into one output: the second (other dates: it would mix its tiles into
+    the first's layer) is refused at once while the first holds the lease; the first ends
+    complete and the lease is gone."""
+    out = tmp_path / "shared"
+    first = embed("--tiles-per-batch", "1", output=out, wait=False)
+    deadline = time.time() + 300
+    while not (out / "lease.json").exists():
+        assert first.poll() is None, first.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    second = embed("--start", "2021-01-01", output=out)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"output {out} is being written by another run (anysat embed on" in second.stderr
+    assert first.wait(timeout=600) == 0, first.stderr.read()
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["request"]["start"] == "2020-11-01" and manifest["tiles"] == 9
+    assert not (out / "lease.json").exists()
+
+
 def test_a_tile_that_cannot_be_read_fails_alone_and_a_rerun_retries_it(tmp_path):
     """One S2 scene covers only the central tile and its B02 file is missing: that tile
     fails with its id and the asset, the other 8 complete; with the file back, a rerun
