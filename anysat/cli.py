@@ -10,6 +10,7 @@ import os
 import sys
 
 from .errors import AnySatError
+from .redact import redact_logs, without_secrets
 from .request import DEFAULT_MODEL, DEFAULT_SENSORS, INT8_FROM_KM2, RegionRequest
 
 DEMO_BBOX = (5.3189, 50.6286, 5.3334, 50.6378)  # the demo catalog's 1 km2 in Belgium
@@ -34,6 +35,13 @@ def add_region_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalog", default="demo",
                         help="provider name (demo, planetary-computer, earth-search), STAC API "
                              "URL or static catalog.json")
+    parser.add_argument("--catalog-naming",
+                        help="whose collection ids and asset keys the catalog uses (a key of the "
+                             "sensor specs' `collections`: planetary-computer, earth-search, "
+                             "...); default: the provider's own, or planetary-computer for a URL "
+                             "or path")
+    parser.add_argument("--modalities", help="a folder of your own sensor specs (YAML, as "
+                                             "catalogs/modalities/); sets ANYSAT_MODALITIES")
     parser.add_argument("--tiles-per-batch", type=int, default=2)
     parser.add_argument("--max-cloud", type=float, help="scene cloud cover limit, percent")
     parser.add_argument("--time-bin", help="median per period: MS monthly, QS quarterly, 14D...")
@@ -79,6 +87,9 @@ def _read_geojson(path: str | None) -> dict | None:
 
 def region_fields(args: argparse.Namespace) -> dict:
     """The region, dates, sensors and catalog options of a request, as RegionRequest fields."""
+    if args.modalities:  # an environment variable, so that worker processes see it too
+        os.environ["ANYSAT_MODALITIES"] = os.pathsep.join(
+            filter(None, [os.environ.get("ANYSAT_MODALITIES"), args.modalities]))
     geojson = _read_geojson(args.geojson)
     bbox = args.bbox if args.bbox or geojson else (DEMO_BBOX if args.demo else None)
     return dict(
@@ -86,7 +97,8 @@ def region_fields(args: argparse.Namespace) -> dict:
         start=args.start or (DEMO_DATES[0] if args.demo else None),
         end=args.end or (DEMO_DATES[1] if args.demo else None),
         sensors=tuple(s.strip() for s in args.sensors.split(",") if s.strip()),
-        catalog=args.catalog, tiles_per_batch=args.tiles_per_batch, max_cloud=args.max_cloud,
+        catalog=args.catalog, catalog_naming=args.catalog_naming,
+        tiles_per_batch=args.tiles_per_batch, max_cloud=args.max_cloud,
         time_bin=args.time_bin, cube_backend=args.cube_backend)
 
 
@@ -354,10 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     # torchrun children: rank 0 tells the story, the others only warn
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+    redact_logs(logging.getLogger("anysat"))  # no signed URL in any log line
     try:
         args.run(args)
     except AnySatError as exc:
-        print(f"anysat: error: {exc}", file=sys.stderr)
+        print(f"anysat: error: {without_secrets(str(exc))}", file=sys.stderr)
         return 2
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -12,6 +14,8 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
 
 from .errors import SpecError
 from .resources import catalogs_dir
+
+log = logging.getLogger("anysat")
 
 
 class BandSpec(BaseModel):
@@ -106,6 +110,14 @@ def modalities_dir() -> Path:
     return catalogs_dir() / "modalities"
 
 
+def spec_folders() -> tuple[Path, ...]:
+    """The package's spec folder, then the user's (`ANYSAT_MODALITIES`, folders separated by
+    the path separator; `--modalities` sets it): a user spec overrides a packaged one of the
+    same name."""
+    extra = os.environ.get("ANYSAT_MODALITIES", "")
+    return (modalities_dir(), *(Path(p).expanduser().resolve() for p in extra.split(os.pathsep) if p))
+
+
 def load_spec(path: Path) -> ModalitySpec:
     """Load and validate one spec; errors name the file and the field."""
     try:
@@ -122,20 +134,45 @@ def load_spec(path: Path) -> ModalitySpec:
 
 
 @lru_cache(maxsize=8)  # spec files are read once per process, not per tile
+def _load_folders(folders: tuple[Path, ...]) -> tuple[dict[str, ModalitySpec], dict[str, SpecError]]:
+    """Specs by name, and the errors of files that do not load, by file stem: a broken spec
+    fails only the runs that ask for it."""
+    specs, broken = {}, {}
+    for folder in folders:
+        if not folder.is_dir():
+            raise SpecError(f"modality spec folder {folder} (ANYSAT_MODALITIES / --modalities) "
+                            "does not exist")
+        for path in sorted(folder.glob("*.yaml")):
+            try:
+                spec = load_spec(path)
+            except SpecError as exc:
+                broken[path.stem] = exc
+                log.warning("%s (runs that do not use it are not affected)", exc)
+                continue
+            specs[spec.name] = spec
+            broken.pop(spec.name, None)
+    return specs, broken
+
+
 def available_specs(directory: Path | None = None) -> dict[str, ModalitySpec]:
-    specs = [load_spec(p) for p in sorted((directory or modalities_dir()).glob("*.yaml"))]
-    return {s.name: s for s in specs}
+    """Every spec that loads, by name (`directory`: that folder alone)."""
+    return _load_folders((directory,) if directory else spec_folders())[0]
 
 
 def resolve_sensors(names: list[str], directory: Path | None = None) -> list[ModalitySpec]:
     """Map sensor names or aliases (`s2`, `sentinel-1`, ...) to specs, in the order given."""
-    specs = available_specs(directory)
+    specs, broken = _load_folders((directory,) if directory else spec_folders())
     lookup = {alias: s for s in specs.values() for alias in (s.name, *s.aliases)}
+    for name in names:
+        if name not in lookup and name in broken:
+            raise broken[name]
     unknown = [n for n in names if n not in lookup]
     if unknown:
         raise SpecError(
             f"unknown sensor(s) {', '.join(repr(n) for n in unknown)}; known sensors: "
             + ", ".join(f"{s.name} ({', '.join(s.aliases)})" for s in specs.values())
+            + (f"; specs that failed to load: {', '.join(sorted(broken))}" if broken else "")
+            + " (add your own with --modalities DIR or ANYSAT_MODALITIES)"
         )
     resolved: list[ModalitySpec] = []
     for name in names:

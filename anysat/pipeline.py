@@ -34,7 +34,6 @@ from .products.stac import write_stac
 from .products.vectors import layer_vectors
 from .products.zarr_layer import read_layer
 from .request import INT8_FROM_KM2, RegionRequest
-from .stac import resolve_provider
 from .stac.search import no_items_message
 from .stac.signing import url_signer
 from .tiles import Tile
@@ -62,7 +61,7 @@ def plan_run(request: RegionRequest, create_layers: bool = True) -> RunPlan:
     output), then make the saved plan (or reuse it, to resume) and create (or reopen) the
     empty layer of each UTM zone."""
     specs = request.modality_specs()
-    provider = resolve_provider(request.catalog)
+    provider = request.provider()
     if request.labels and not storage.exists(request.labels):
         raise RequestError(f"labels {request.labels}: no such file (the class map needs it)")
     model = get_model(request.model, request.sensors)
@@ -106,7 +105,7 @@ def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
     if not todo:
         return results
     model = get_model(request.model, request.sensors, request.device)
-    provider, specs = resolve_provider(request.catalog), request.modality_specs()
+    provider, specs = request.provider(), request.modality_specs()
     signer = url_signer(provider)
 
     def load(tile: Tile) -> tuple[Tile, dict, dict, float] | dict:

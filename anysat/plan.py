@@ -38,7 +38,7 @@ from .errors import AnySatError, RequestError
 from .modalities import ModalitySpec
 from .products.zarr_layer import LayerGrid
 from .request import RegionRequest
-from .stac import resolve_provider, search_sensors
+from .stac import search_sensors
 from .tiles import Tile, ZoneTiles, plan_zones
 
 log = logging.getLogger("anysat")
@@ -61,7 +61,8 @@ def fingerprint(request: RegionRequest, specs: list[ModalitySpec], model_sha256:
     fields = request.model_dump(mode="json", include=set(FINGERPRINT_FIELDS))
     # what the layer holds, so `auto` and the dtype it resolves to are the same run
     quantize = "int8" if request.layer_dtype == "int8" else "none"
-    return {**fields, "quantize": quantize, "sensors": [s.name for s in specs],
+    naming = {"catalog_naming": request.catalog_naming} if request.catalog_naming else {}
+    return {**fields, **naming, "quantize": quantize, "sensors": [s.name for s in specs],
             "model_sha256": model_sha256}
 
 
@@ -173,7 +174,7 @@ def _search_block(request: RegionRequest, specs: list[ModalitySpec], footprints:
     region = shapely.union_all(footprints)
     west, south, east, north = region.bounds
     where = region if east - west > 180 else (west, south, east, north)
-    return search_sensors(resolve_provider(request.catalog), specs, where, request.start,
+    return search_sensors(request.provider(), specs, where, request.start,
                           request.end, max_cloud=request.max_cloud)
 
 

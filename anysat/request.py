@@ -55,6 +55,9 @@ class RegionRequest(BaseModel):
     patch_size_m: Metres = 30.0
     tile_size_m: Metres = 600.0
     catalog: str = "demo"
+    # whose collection ids and asset keys the catalog uses (a key of the specs' `collections`);
+    # None: the provider's own, or Planetary Computer's for a URL or path
+    catalog_naming: str | None = None
     output_uri: str = "outputs"
     model: str = DEFAULT_MODEL
     tiles_per_batch: int = Field(default=2, ge=1)   # tiles per task (a Prefect task run)
@@ -167,6 +170,12 @@ class RegionRequest(BaseModel):
         from pyproj import Geod
 
         return abs(Geod(ellps="WGS84").geometry_area_perimeter(self.geometry)[0]) / 1e6
+
+    def provider(self):
+        """The catalog to read, with the naming it was given."""
+        from .stac.providers import resolve_provider
+
+        return resolve_provider(self.catalog, self.catalog_naming)
 
     def modality_specs(self) -> list[ModalitySpec]:
         """Resolve the sensors and check that the patch size fits every sensor's GSD."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -23,10 +24,13 @@ from prefect.futures import as_completed  # noqa: E402
 from anysat import lease, pipeline, storage  # noqa: E402
 from anysat.cli import add_request_arguments, attach_negative_values, request_from_args  # noqa: E402
 from anysat.errors import AnySatError  # noqa: E402
+from anysat.redact import redact_logs, without_secrets  # noqa: E402
 from anysat.request import RegionRequest  # noqa: E402
 from anysat.plan import plan_for_worker  # noqa: E402
 from flows.dask_runner import dask_task_runner  # noqa: E402
 from flows.local_server import prefect_server  # noqa: E402
+
+redact_logs(logging.getLogger("anysat"))  # library records reach Prefect's API without tokens
 
 # Resume is handled by the library's per-tile done-markers, not by Prefect's result cache.
 plan_run = task(pipeline.plan_run, name="plan-tiles", cache_policy=NO_CACHE)
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         with prefect_server():
             manifest = embed_region(request)
     except AnySatError as exc:
-        print(f"embed-region: error: {exc}", file=sys.stderr)
+        print(f"embed-region: error: {without_secrets(str(exc))}", file=sys.stderr)
         return 2
     print("\nembed-region wrote:")
     print(json.dumps({k: manifest[k] for k in ("layers", "tiles", "area_km2", "patches_with_data",

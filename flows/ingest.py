@@ -22,6 +22,7 @@ from prefect.futures import as_completed  # noqa: E402
 
 from anysat.cli import add_ingest_arguments, attach_negative_values, ingest_request_from_args  # noqa: E402
 from anysat.errors import AnySatError  # noqa: E402
+from anysat.redact import without_secrets  # noqa: E402
 from anysat.plan import plan_for_worker  # noqa: E402
 from anysat.request import DEFAULT_SENSORS, RegionRequest  # noqa: E402
 from anysat.train import ingest as library  # noqa: E402
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 tiles_per_batch=fields["tiles_per_batch"], max_cloud=fields["max_cloud"],
                 time_bin=fields["time_bin"], cube_backend=fields["cube_backend"])
     except AnySatError as exc:
-        print(f"ingest: error: {exc}", file=sys.stderr)
+        print(f"ingest: error: {without_secrets(str(exc))}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
     return 0

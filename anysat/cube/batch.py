@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 from ..batch import Batch
 from ..errors import TileReadError
 from ..modalities import ModalitySpec
+from ..redact import without_secrets
 from ..stac import search_sensors
 from ..stac.providers import Provider
 from ..stac.signing import url_signer
@@ -44,14 +44,39 @@ def load_items_batch(items: dict[str, Sequence[pystac.Item]], specs: list[Modali
                 cube = bin_time(cube, time_bin)
             cube = read_cube(cube)
         except (OSError, RuntimeError, ValueError) as exc:  # rasterio/GDAL read errors
-            raise TileReadError(f"tile {tile.id}: cannot read {spec.name}: "
-                                f"{without_secrets(describe(exc))[:500]}") from None
+            reason = describe(exc)
+            asset = _failing_asset(items[spec.name], spec, naming, patch_url, reason)
+            raise TileReadError(f"tile {tile.id}: cannot read {spec.name}"
+                                f"{f' asset {asset}' if asset else ''}: "
+                                f"{without_secrets(reason)[:500]}") from None
         pixels = torch.from_numpy(cube.values)[None]
         batch[spec.name] = pixels
         batch[f"{spec.name}_dates"] = days_since_epoch(cube.time.values)[None]
         batch[f"{spec.name}_mask"] = torch.isfinite(pixels).all(dim=2)
         dates[spec.name] = int(cube.sizes["time"])
     return batch, dates
+
+
+def _failing_asset(items: Sequence[pystac.Item], spec: ModalitySpec, naming: str,
+                   patch_url: Callable[[str], str] | None, reason: str) -> str | None:
+    """The first of the sensor's asset hrefs that does not open (query string cut), when the
+    reader's error does not name it (HTTP errors do not): probed only after a failure."""
+    import rasterio
+
+    keys = [*spec.asset_keys(naming), *filter(None, [spec.mask_asset(naming)])]
+    for item in items:
+        for key in keys:
+            if key not in item.assets:
+                continue
+            href = item.assets[key].get_absolute_href() or item.assets[key].href
+            if href.split("?")[0].rsplit("/", 1)[-1] in reason:
+                return None  # the reason already names the file
+            try:
+                with rasterio.open(patch_url(href) if patch_url else href):
+                    pass
+            except (OSError, RuntimeError, ValueError):
+                return without_secrets(href)
+    return None
 
 
 def describe(exc: BaseException) -> str:
@@ -63,11 +88,6 @@ def describe(exc: BaseException) -> str:
             parts.append(text)
         exc = exc.__cause__ or exc.__context__
     return ": ".join(parts) or "unknown read error"
-
-
-def without_secrets(text: str) -> str:
-    """A message with URL query strings (where signing tokens live) cut out."""
-    return re.sub(r"\?[^\s'\"]+", "?<query removed>", text)
 
 
 def load_tile_batch(provider: Provider, specs: list[ModalitySpec], tile: Tile, start: dt.date,

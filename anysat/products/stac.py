@@ -18,7 +18,6 @@ kept in catalogs/stac-schemas/ (see its README for what they are).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,11 @@ import torch
 from odc.geo.geobox import GeoBox
 
 from .. import storage
-from ..cube.batch import without_secrets
 from ..model import AnySat
 from ..model.checkpoint import CONFIG, WEIGHTS, shipped_checkpoints
 from ..model.config import SIZES
+from ..redact import without_secrets
 from ..resources import catalogs_dir
-from ..stac import resolve_provider
 from .cog import block_window
 from .quantize import NODATA, RULE
 from .zarr_layer import layer_grid, read_layer
@@ -69,7 +67,7 @@ def write_stac(plan, model: AnySat, layers: list[dict], finished: str) -> str:
             item_ids.append(item["id"])
     dim = plan.zones[0].grid.dim
     west, south, east, north = request.geometry.bounds
-    provider = resolve_provider(request.catalog)
+    provider = request.provider()
     collection = {
         "type": "Collection", "stac_version": STAC_VERSION, "stac_extensions": [EMBEDDINGS],
         "id": f"anysat-{plan.hash[:16]}",

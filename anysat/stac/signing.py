@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from ..errors import SpecError
@@ -22,4 +23,12 @@ def url_signer(provider: Provider) -> Callable[[str], str] | None:
             raise SpecError("reading from planetary-computer needs the 'planetary-computer' "
                             "package: pip install 'anysat[cloud]'") from None
         return planetary_computer.sign_url
-    raise SpecError(f"provider {provider.name}: unknown signing '{provider.signing}'")
+    if provider.signing == "sas-token":  # a private container: one token for every href
+        token = os.environ.get(provider.token_env or "", "").lstrip("?")
+        if not token:
+            raise SpecError(f"provider {provider.name}: signing sas-token reads its token from "
+                            f"the environment variable {provider.token_env or '(token_env unset)'}, "
+                            "which is empty")
+        return lambda href: f"{href}{'&' if '?' in href else '?'}{token}"
+    raise SpecError(f"provider {provider.name}: unknown signing '{provider.signing}' "
+                    "(planetary-computer or sas-token)")

@@ -21,7 +21,6 @@ from ..cube.batch import load_items_batch, load_tile_batch
 from ..errors import NoItemsError, TileReadError, TilesFailedError
 from ..modalities import ModalitySpec
 from ..plan import RunPlan, fingerprint, fingerprint_hash, make_plan
-from ..stac import resolve_provider
 from ..stac.providers import Provider
 from ..stac.signing import url_signer
 from ..request import RegionRequest
@@ -95,7 +94,7 @@ def plan_ingest(request: RegionRequest) -> IngestPlan:
 def ingest_tiles(plan: IngestPlan, tile_ids: list[str]) -> list[dict]:
     """Write the chips of some tiles (complete ones skipped); their index rows."""
     request = plan.request
-    provider, specs = resolve_provider(request.catalog), request.modality_specs()
+    provider, specs = request.provider(), request.modality_specs()
     signer = url_signer(provider)
     rows = []
     for tile_id in tile_ids:

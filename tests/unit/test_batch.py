@@ -31,7 +31,8 @@ def test_a_stacked_batch_of_different_series_lengths_equals_one_by_one():
 
 
 def test_read_errors_name_the_file_but_never_a_signing_token():
-    from anysat.cube.batch import describe, without_secrets
+    from anysat.cube.batch import describe
+    from anysat.redact import without_secrets
 
     try:
         try:
