@@ -95,8 +95,11 @@ class ModalitySpec(BaseModel):
             return self.collections[provider]
         except KeyError:
             raise SpecError(
-                f"sensor '{self.name}' has no collection on provider '{provider}' "
-                f"(it has: {', '.join(sorted(self.collections))})"
+                f"sensor '{self.name}' has no collection under the '{provider}' naming of "
+                f"collection ids and asset keys (its spec names: "
+                f"{', '.join(sorted(self.collections))}); give the catalog's naming with "
+                "--catalog-naming (or `naming:` in a providers file), or add it to the spec's "
+                "`collections` (--modalities DIR)"
             ) from None
 
     def asset_keys(self, provider: str) -> list[str]:

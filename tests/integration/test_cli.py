@@ -114,6 +114,25 @@ def test_a_second_run_into_an_output_being_written_is_refused(tmp_path):
     assert not (out / "lease.json").exists()
 
 
+def test_a_sensor_of_the_users_own_spec_folder_is_embedded(tmp_path):
+    """The README's path for a new sensor: a spec in a folder given with --modalities (here
+    a copy of the S2 spec under a new name), embedded with a model built for it."""
+    from anysat.modalities import modalities_dir
+
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "my-sensor.yaml").write_text((modalities_dir() / "sentinel-2-l2a.yaml").read_text()
+                                          .replace("name: sentinel-2-l2a", "name: my-sensor")
+                                          .replace("aliases: [s2, sentinel-2]", "aliases: [mine]"))
+    (specs / "half-written.yaml").write_text("name: half\nbands: [")  # fails only its runs
+    result = embed("--modalities", str(specs), "--sensors", "mine", "--model", "tiny",
+                   "--tile-size-m", "1200", output=tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert manifest["request"]["sensors"] == ["mine"] and manifest["patches_with_data"] > 0
+    assert "half-written.yaml" in result.stderr  # warned about, not fatal
+
+
 def test_a_tile_that_cannot_be_read_fails_alone_and_a_rerun_retries_it(tmp_path):
     """One S2 scene covers only the central tile and its B02 file is missing: that tile
     fails with its id and the asset, the other 8 complete; with the file back, a rerun

@@ -66,5 +66,43 @@ def test_invalid_spec_names_file_and_field(tmp_path):
 
 def test_missing_provider_collection_is_explained():
     s1 = available_specs()["sentinel-1"]
-    with pytest.raises(SpecError, match="no collection on provider 'earth-search'"):
+    with pytest.raises(SpecError, match="no collection under the 'earth-search' naming"):
         s1.collection("earth-search")
+
+
+def test_user_spec_folder_adds_a_sensor_and_a_broken_spec_fails_only_its_runs(tmp_path, monkeypatch):
+    from anysat.modalities import modalities_dir
+
+    mine = (modalities_dir() / "sentinel-2-l2a.yaml").read_text()
+    mine = mine.replace("name: sentinel-2-l2a", "name: my-s2").replace("aliases: [s2, sentinel-2]",
+                                                                     "aliases: [mys2]")
+    (tmp_path / "my-s2.yaml").write_text(mine)
+    (tmp_path / "broken.yaml").write_text("name: broken\ngsd_m: [not a number\n")
+    monkeypatch.setenv("ANYSAT_MODALITIES", str(tmp_path))
+    assert [s.name for s in resolve_sensors(["mys2", "s1"])] == ["my-s2", "sentinel-1"]
+    with pytest.raises(SpecError, match=r"broken.yaml: cannot read modality spec"):
+        resolve_sensors(["s2", "broken"])
+    with pytest.raises(SpecError, match=r"unknown sensor\(s\) 's9'.*specs that failed to load: broken"):
+        resolve_sensors(["s9"])
+    monkeypatch.setenv("ANYSAT_MODALITIES", str(tmp_path / "nowhere"))
+    with pytest.raises(SpecError, match="nowhere .*does not exist"):
+        resolve_sensors(["s2"])
+
+
+def test_a_catalog_given_by_path_takes_the_naming_it_is_told(tmp_path, monkeypatch):
+    from anysat.stac.providers import resolve_provider
+
+    path = str(DEMO_CATALOG / "catalog.json")
+    assert resolve_provider(path).naming == "planetary-computer"
+    assert resolve_provider(path, naming="earth-search").naming == "earth-search"
+    naip = available_specs()["naip"]
+    with pytest.raises(SpecError, match="no collection under the 'earth-search' naming.*--catalog-naming"):
+        naip.collection("earth-search")
+    # a providers file declares a catalog's naming (and may override a packaged provider)
+    (tmp_path / "providers.yaml").write_text(f"mine:\n  kind: static\n  url: {path}\n  naming: demo\n")
+    monkeypatch.setenv("ANYSAT_PROVIDERS", str(tmp_path / "providers.yaml"))
+    assert resolve_provider("mine").naming == "demo" and resolve_provider("demo").naming == "demo"
+    (tmp_path / "bad.yaml").write_text("mine: {url: x}\n")
+    monkeypatch.setenv("ANYSAT_PROVIDERS", str(tmp_path / "bad.yaml"))
+    with pytest.raises(SpecError, match=r"providers file .*bad.yaml: KeyError: 'kind'"):
+        resolve_provider("mine")
