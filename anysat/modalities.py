@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 from functools import lru_cache
@@ -45,6 +46,19 @@ class CloudMaskSpec(BaseModel):
         return self
 
 
+class BaselineOffset(BaseModel):
+    """Sentinel-2's processing baseline 04.00 (from 25 January 2022) adds 1000 DN to every
+    band: items of that baseline or later (`s2:processing_baseline`, or without one, acquired
+    from `since`) take `offset`, the others the spec's. An item's own `raster:bands` offset,
+    for the spec's scale, wins over both."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    baseline: str = "04.00"
+    since: dt.date = dt.date(2022, 1, 25)
+    offset: float
+
+
 class ModalitySpec(BaseModel):
     """One sensor. Values are scaled to physical units: value * scale + offset (then dB)."""
 
@@ -63,6 +77,7 @@ class ModalitySpec(BaseModel):
     nodata: float | None = None
     scale: float = 1.0
     offset: float = 0.0
+    offset_from_baseline: BaselineOffset | None = None
     transform: Literal["none", "db"] = "none"
     resampling: Literal["nearest", "bilinear", "cubic", "average"] = "bilinear"
     # Item property holding the scene cloud cover (%), for `max_cloud` searches.

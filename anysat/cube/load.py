@@ -40,6 +40,39 @@ def _solar_day(item: pystac.Item) -> np.datetime64:
     return (np.datetime64(item.datetime.replace(tzinfo=None), "s") + offset).astype("datetime64[D]")
 
 
+def item_offset(item: pystac.Item, spec: ModalitySpec, asset: str) -> float:
+    """The offset that turns this item's scaled DNs into physical values: its own
+    `raster:bands` offset (if recorded for the spec's scale), else the spec's baseline rule,
+    else the spec's offset."""
+    bands = item.assets[asset].extra_fields.get("raster:bands") if asset in item.assets else None
+    if bands and "offset" in bands[0] and np.isclose(bands[0].get("scale", 1.0), spec.scale):
+        return float(bands[0]["offset"])
+    rule = spec.offset_from_baseline
+    if rule is None:
+        return spec.offset
+    baseline = item.properties.get("s2:processing_baseline")
+    if baseline is not None:
+        try:
+            newer = float(baseline) >= float(rule.baseline)
+        except ValueError:
+            newer = item.datetime.date() >= rule.since if item.datetime else False
+    else:
+        newer = item.datetime is not None and item.datetime.date() >= rule.since
+    return rule.offset if newer else spec.offset
+
+
+def _offsets_per_day(items: Sequence[pystac.Item], spec: ModalitySpec, asset: str,
+                     n_times: int) -> np.ndarray:
+    """One offset per time step of the cube (its solar days, in order)."""
+    by_day: dict = {}
+    for item in items:
+        by_day.setdefault(_solar_day(item), item_offset(item, spec, asset))
+    offsets = np.array([by_day[d] for d in sorted(by_day)], dtype="float32")
+    if len(offsets) != n_times:  # grouping differs from ours: fall back to one offset
+        return np.full(n_times, offsets[0] if len(offsets) else spec.offset, dtype="float32")
+    return offsets
+
+
 def _read_odc(items: Sequence[pystac.Item], assets: list[str], resampling: dict[str, str],
               geobox: GeoBox, nodata: float | None, patch_url, lazy: bool = True) -> xr.DataArray:
     # eager (chunks=None): read now into numpy in this thread, no Dask graph per tile; callers
@@ -138,7 +171,8 @@ def load_cube(items: Sequence[pystac.Item], spec: ModalitySpec, geobox: GeoBox, 
         valid = valid & (cube != spec.nodata)
     if mask_asset:
         valid = valid & ~invalid_pixels(raw.sel(band=mask_asset), spec.cloud_mask)
-    values = cube.astype("float32") * np.float32(spec.scale) + np.float32(spec.offset)
+    offsets = _offsets_per_day(items, spec, assets[0], cube.sizes["time"])
+    values = cube.astype("float32") * np.float32(spec.scale) + xr.DataArray(offsets, dims="time")
     if spec.transform == "db":
         valid = valid & (values > 0)
         values = 10 * np.log10(values.where(valid))

@@ -51,3 +51,38 @@ def test_sentinel1_in_db_and_dem_at_30m():
     dem = read_cube(cube_for("copernicus-dem"))
     assert dem.shape == (1, 1, 20, 20) and 140 < float(dem.mean()) < 175
     assert dem.odc.geobox.resolution.x == 30
+
+
+def test_sentinel2_offset_follows_each_items_processing_baseline():
+    """Baseline 04.00 (from 2022-01-25) adds 1000 DN: only those items get -0.1."""
+    from anysat.cube.load import item_offset
+
+    spec = SPECS["sentinel-2-l2a"]
+    items = search_items(resolve_provider("demo"), spec, box(*DEMO_BBOX), dt.date(2020, 11, 1),
+                         dt.date(2021, 10, 31))
+    old = items[0]
+    assert item_offset(old, spec, "B04") == 0.0  # its raster:bands say offset 0 (2020)
+    newer = old.clone()
+    for asset in newer.assets.values():
+        asset.extra_fields.pop("raster:bands", None)
+    newer.properties["s2:processing_baseline"] = "05.09"   # as Planetary Computer records it
+    assert item_offset(newer, spec, "B04") == pytest.approx(-0.1)
+    newer.properties["s2:processing_baseline"] = "02.14"
+    assert item_offset(newer, spec, "B04") == 0.0
+    del newer.properties["s2:processing_baseline"]
+    newer.datetime = dt.datetime(2023, 5, 1, tzinfo=dt.timezone.utc)   # no baseline: by date
+    assert item_offset(newer, spec, "B04") == pytest.approx(-0.1)
+    newer.assets["B04"].extra_fields["raster:bands"] = [{"scale": 0.0001, "offset": -0.1}]
+    assert item_offset(newer, spec, "B04") == pytest.approx(-0.1)  # Earth Search's record wins
+    assert item_offset(newer, SPECS["sentinel-1"], "vv") == SPECS["sentinel-1"].offset
+
+    # in a cube: the same pixels, one date marked baseline 05.09, are 0.1 lower on that date only
+    geobox = TILE.geobox(spec.gsd_m)
+    before = read_cube(load_cube(items, spec, geobox, naming="demo"))
+    marked = [i.clone() for i in items]
+    for asset in marked[0].assets.values():
+        asset.extra_fields.pop("raster:bands", None)
+    marked[0].properties["s2:processing_baseline"] = "05.09"
+    after = read_cube(load_cube(marked, spec, geobox, naming="demo"))
+    np.testing.assert_allclose(after.values[0], before.values[0] - 0.1, atol=1e-6)
+    np.testing.assert_array_equal(after.values[1:], before.values[1:])
