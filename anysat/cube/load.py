@@ -23,6 +23,7 @@ from odc.geo.xr import xr_coords
 
 from ..errors import SpecError
 from ..modalities import ModalitySpec
+from ..redact import without_secrets
 from .masks import invalid_pixels
 
 log = logging.getLogger("anysat")
@@ -93,6 +94,7 @@ def _read_stackstac(items: Sequence[pystac.Item], assets: list[str], resampling:
     # copies with absolute hrefs, signed just before the stack is built.
     items = sorted(items, key=lambda i: i.datetime)  # the order of `days` below
     readable = [_readable(item, assets, patch_url) for item in items]
+    _refuse_gcp_only(readable, assets)
     fill = np.nan if nodata is None else nodata
     parts = []
     for method in dict.fromkeys(resampling[a] for a in assets):  # one stack per resampling
@@ -116,6 +118,27 @@ def _read_stackstac(items: Sequence[pystac.Item], assets: list[str], resampling:
     if cube.shape[-2:] != geobox.shape.yx:
         raise SpecError(f"stackstac gave a {cube.shape[-2:]} grid for a {geobox.shape.yx} tile")
     return cube.assign_coords(xr_coords(geobox))  # the same x/y and spatial_ref as odc-stac
+
+
+def _refuse_gcp_only(items: list[dict], assets: list[str]) -> None:
+    """stackstac needs a CRS and transform: items that give none make it open the file, and a
+    raster georeferenced by ground control points only (Sentinel-1 GRD) crashes it. Refuse
+    those by name; odc-stac warps them from their GCPs."""
+    import rasterio
+
+    projected = ("proj:epsg", "proj:code", "proj:wkt2", "proj:projjson")
+    for item in items:
+        if any(k in item["properties"] for k in projected):
+            continue
+        href = item["assets"][assets[0]]["href"]
+        if any(k in item["assets"][assets[0]] for k in projected):
+            continue
+        with rasterio.open(href) as src:
+            if src.crs is None and src.gcps[0]:
+                raise SpecError(
+                    f"item {item['id']}: {without_secrets(href)} is georeferenced by ground "
+                    "control points only (no CRS or transform), which stackstac cannot read; "
+                    "use --cube-backend odc-stac (it warps from the GCPs)")
 
 
 def plain_item(item: pystac.Item) -> dict:

@@ -141,3 +141,40 @@ def test_geometry_of_13_planetary_computer_items_without_reading_pixels(backend)
     dates = sorted({i.datetime.date() for i in items})
     assert [str(t)[:10] for t in cube.time.values] == [str(d) for d in dates]
     assert dates[0] == dt.date(2020, 6, 1) and dates[-1] == dt.date(2020, 7, 31)
+
+
+def test_a_raster_georeferenced_by_gcps_only(tmp_path):
+    """Sentinel-1 GRD style: no CRS, no transform, only ground control points (here the demo
+    S1 pixels rewritten so, GCPs at pixel centres). odc-stac warps it to the same cube as the
+    original; stackstac cannot, and says so by name."""
+    from rasterio.control import GroundControlPoint
+
+    spec = SPECS["sentinel-1"]
+    original = demo_items("sentinel-1")[0]
+    item = original.clone()
+    item.make_asset_hrefs_absolute()
+    for key in ("vv", "vh"):
+        with rasterio.open(item.assets[key].get_absolute_href()) as src:
+            data, t, crs, nodata = src.read(), src.transform, src.crs, src.nodata
+        h, w = data.shape[1:]
+        gcps = [GroundControlPoint(row=r + 0.5, col=c + 0.5, x=(t * (c + 0.5, r + 0.5))[0],
+                                   y=(t * (c + 0.5, r + 0.5))[1])
+                for r in (0, h // 2, h - 1) for c in (0, w // 2, w - 1)]
+        with rasterio.open(tmp_path / f"{key}.tif", "w", driver="GTiff", width=w, height=h,
+                           count=1, dtype=data.dtype, nodata=nodata) as dst:
+            dst.write(data)
+            dst.gcps = (gcps, crs)
+        item.assets[key].href = str(tmp_path / f"{key}.tif")
+        for field in [f for f in item.assets[key].extra_fields if f.startswith("proj:")]:
+            del item.assets[key].extra_fields[field]
+    for field in [f for f in item.properties if f.startswith("proj:")]:
+        del item.properties[field]
+    with rasterio.open(tmp_path / "vv.tif") as src:
+        assert src.crs is None and src.transform.is_identity and len(src.gcps[0]) == 9
+    geobox = TILE.geobox(spec.gsd_m)
+    warped = load_cube([item], spec, geobox, naming="demo", lazy=False)
+    expected = load_cube([original], spec, geobox, naming="demo", lazy=False)
+    np.testing.assert_allclose(warped.values, expected.values, atol=1e-4)
+    with pytest.raises(SpecError, match=r"vv.tif is georeferenced by ground control points only.*"
+                                        r"--cube-backend odc-stac"):
+        load_cube([item], spec, geobox, naming="demo", backend="stackstac", lazy=False)
