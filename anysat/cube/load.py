@@ -120,6 +120,40 @@ def _read_stackstac(items: Sequence[pystac.Item], assets: list[str], resampling:
     return cube.assign_coords(xr_coords(geobox))  # the same x/y and spatial_ref as odc-stac
 
 
+def _check_assets(items: Sequence[pystac.Item], spec: ModalitySpec, keys: list[str],
+                  naming: str, backend: str) -> None:
+    """Every asset the spec reads is in every item and readable as raster, and a band of a
+    multi-band asset (`image.2`: band 2 of asset `image`) is listed in the asset's
+    `raster:bands` or `bands`: odc-stac's own errors (`KeyError: ('image', 2)`) say none of it."""
+    from odc.stac._mdtools import is_raster_data
+
+    for item in items:
+        for key in keys:
+            name, _, number = key.rpartition(".")
+            multi = key not in item.assets and number.isdigit() and name in item.assets
+            asset = item.assets.get(name if multi else key)
+            where = f"item {item.id}: sensor {spec.name} (naming '{naming}') reads asset '{key}'"
+            if asset is None:
+                raise SpecError(f"{where}, which the item lacks (it has: "
+                                f"{', '.join(sorted(item.assets))}); set the band's `assets` for "
+                                f"this naming in the spec, or give --catalog-naming")
+            if not is_raster_data(asset):
+                raise SpecError(f"{where}, whose media type {asset.media_type!r} is not read as "
+                                "raster: give it `type: image/tiff; application=geotiff` (or no "
+                                "type and the role `data`)")
+            if multi:
+                listed = asset.extra_fields.get("bands") or asset.extra_fields.get("raster:bands") or []
+                if backend == "stackstac":
+                    raise SpecError(f"{where}: stackstac reads one band per asset; use "
+                                    "--cube-backend odc-stac for multi-band assets")
+                if len(listed) < int(number):
+                    raise SpecError(
+                        f"{where}: band {number} of the multi-band asset '{name}', whose bands "
+                        f"the item does not list ({len(listed)} listed): add `raster:bands` "
+                        "(STAC 1.0) or `bands` (STAC 1.1) to the asset, one entry per band, "
+                        'e.g. [{"data_type": "uint8"}, ...]')
+
+
 def _refuse_gcp_only(items: list[dict], assets: list[str]) -> None:
     """stackstac needs a CRS and transform: items that give none make it open the file, and a
     raster georeferenced by ground control points only (Sentinel-1 GRD) crashes it. Refuse
@@ -184,6 +218,7 @@ def load_cube(items: Sequence[pystac.Item], spec: ModalitySpec, geobox: GeoBox, 
         log.warning("%s: not every item has the '%s' asset; no per-pixel cloud mask applied",
                     spec.name, mask_asset)
         mask_asset = None
+    _check_assets(items, spec, [*assets, *filter(None, [mask_asset])], naming, backend)
     resampling = {a: spec.resampling for a in assets}
     if mask_asset:
         resampling[mask_asset] = "nearest"  # classes and bit flags must not be interpolated

@@ -178,3 +178,51 @@ def test_a_raster_georeferenced_by_gcps_only(tmp_path):
     with pytest.raises(SpecError, match=r"vv.tif is georeferenced by ground control points only.*"
                                         r"--cube-backend odc-stac"):
         load_cube([item], spec, geobox, naming="demo", backend="stackstac", lazy=False)
+
+
+def test_a_multi_band_asset_is_read_band_by_band_when_the_item_lists_its_bands():
+    """NAIP: one 4-band `image` asset (a real NAIP crop from ../shared/data/pretrain); the
+    spec reads image.1..4. Without `raster:bands` the error says what to add; stackstac,
+    one band per asset, refuses; a media type odc-stac does not read is named."""
+    from affine import Affine
+    from odc.geo.geobox import GeoBox
+    from pyproj import Transformer
+    from shapely.geometry import mapping
+
+    path = SHARED_STAC.parent / "pretrain" / "stactools-naip" / "m_3211605_ne_11_060_20200415.tif"
+    with rasterio.open(path) as src:
+        bounds, crs, pixels = src.bounds, src.crs, src.read()
+    to_lonlat = Transformer.from_crs(crs, 4326, always_xy=True)
+    west, south = to_lonlat.transform(bounds.left, bounds.bottom)
+    east, north = to_lonlat.transform(bounds.right, bounds.top)
+
+    def item(**asset_fields):
+        found = pystac.Item("naip", mapping(box(west, south, east, north)), [west, south, east, north],
+                            dt.datetime(2020, 4, 15, tzinfo=dt.timezone.utc), {})
+        fields = {"media_type": "image/tiff; application=geotiff", **asset_fields}
+        found.add_asset("image", pystac.Asset(str(path), roles=["data"], media_type=fields.pop("media_type"),
+                                              extra_fields=fields))
+        return found
+
+    spec = SPECS["naip"]
+    x, y = Transformer.from_crs(crs, 32611, always_xy=True).transform(
+        (bounds.left + bounds.right) / 2, (bounds.top + bounds.bottom) / 2)
+    geobox = GeoBox((60, 60), Affine(1, 0, round(x) - 30, 0, -1, round(y) + 30), "EPSG:32611")
+    listed = {"raster:bands": [{"data_type": "uint8"}] * 4}
+    cube = load_cube([item(**listed)], spec, geobox, naming="planetary-computer", lazy=False)
+    assert cube.shape == (1, 4, 60, 60) and list(cube.band.values) == ["red", "green", "blue", "nir"]
+    # each band is the file's band (the 60 m window's mean, against the whole crop's: same order)
+    means = np.nanmean(cube.values[0], axis=(1, 2))
+    assert np.all(np.abs(means - pixels.reshape(4, -1).mean(axis=1)) < 25)
+    assert means[3] > means[2]  # vegetation: NIR above blue
+    with pytest.raises(SpecError, match=r"band 1 of the multi-band asset 'image'.*add `raster:bands`"):
+        load_cube([item()], spec, geobox, naming="planetary-computer", lazy=False)
+    with pytest.raises(SpecError, match="stackstac reads one band per asset"):
+        load_cube([item(**listed)], spec, geobox, naming="planetary-computer", backend="stackstac")
+    with pytest.raises(SpecError, match="media type 'application/x-naip' is not read as raster"):
+        load_cube([item(media_type="application/x-naip", **listed)], spec, geobox,
+                  naming="planetary-computer", lazy=False)
+    with pytest.raises(SpecError, match=r"reads asset 'image.1', which the item lacks \(it has: visual\)"):
+        renamed = item(**listed)
+        renamed.assets["visual"] = renamed.assets.pop("image")
+        load_cube([renamed], spec, geobox, naming="planetary-computer", lazy=False)
