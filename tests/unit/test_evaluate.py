@@ -142,3 +142,24 @@ def test_position_omega2_tells_plaid_from_land():
     assert abs(position_omega2(land, 20)) < 0.05
     plaid = np.tile(rng.normal(size=(20, 20, 8)), (3, 3, 1)) + 0.1 * land
     assert position_omega2(plaid, 20) > 0.9
+
+
+def test_point_series_with_the_30_m_dem_embed_at_a_30_m_footprint(points, model):
+    """S2 + S1 series with a DEM height (one timeless value): the footprint is 30 m, each
+    point's S2/S1 pixel repeated 3 x 3 and its DEM value once, as the model's own batch."""
+    from anysat.points import PointSeries
+
+    subset = points.subset(np.arange(4)).series
+    heights = np.array([[[120.0]], [[150.0]], [[180.0]], [[210.0]]], dtype="float32")
+    series = PointSeries({**subset.values, "copernicus-dem": heights},
+                         {**subset.dates, "copernicus-dem": np.zeros((4, 1), "float32")})
+    footprint = point_footprint_m(model, list(series.values))
+    assert footprint == 30
+    batch = points_batch(series, model, footprint)
+    assert batch["sentinel-2-l2a"].shape[-2:] == (3, 3) and batch["copernicus-dem"].shape[-2:] == (1, 1)
+    vectors = embed_points(model, series)
+    with torch.inference_mode():
+        direct = model(batch, footprint, "tile").numpy()
+    np.testing.assert_allclose(vectors, direct, rtol=1e-4, atol=1e-5)
+    without = embed_points(model, subset)
+    assert not np.allclose(vectors, without)  # the height changes the embedding
