@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -20,6 +21,8 @@ from ..stac.signing import url_signer
 from ..tiles import Tile
 from .composite import bin_time
 from .load import load_cube, read_cube
+
+log = logging.getLogger("anysat")
 
 
 def days_since_epoch(times: np.ndarray) -> torch.Tensor:
@@ -49,12 +52,56 @@ def load_items_batch(items: dict[str, Sequence[pystac.Item]], specs: list[Modali
             raise TileReadError(f"tile {tile.id}: cannot read {spec.name}"
                                 f"{f' asset {asset}' if asset else ''}: "
                                 f"{without_secrets(reason)[:500]}") from None
+        warn_if_unusual(cube.values, spec, items[spec.name])
         pixels = torch.from_numpy(cube.values)[None]
         batch[spec.name] = pixels
         batch[f"{spec.name}_dates"] = days_since_epoch(cube.time.values)[None]
         batch[f"{spec.name}_mask"] = torch.isfinite(pixels).all(dim=2)
         dates[spec.name] = int(cube.sizes["time"])
     return batch, dates
+
+
+OFF_SPEC_SIGMAS = 8.0    # a band's median this many spec stds from the spec mean
+COARSER_THAN_GSD = 3.0   # source pixels this many times the spec's GSD
+_warned: set[tuple[str, str]] = set()
+
+
+def warn_if_unusual(values: np.ndarray, spec: ModalitySpec, items: Sequence[pystac.Item]) -> None:
+    """Warn (once per sensor and kind, per process) when the data do not look like what the
+    spec describes: a band's median far from the spec's statistics (uncalibrated digital
+    numbers, a wrong scale or offset), or source pixels much coarser than the spec's GSD."""
+    for band, spec_band in enumerate(spec.bands):
+        plane = values[:, band]
+        finite = plane[np.isfinite(plane)]
+        if finite.size < 16:
+            continue
+        median = float(np.median(finite))
+        sigmas = (median - spec_band.mean) / spec_band.std
+        if abs(sigmas) > OFF_SPEC_SIGMAS and (spec.name, "statistics") not in _warned:
+            _warned.add((spec.name, "statistics"))
+            log.warning("%s: band %s has median %.4g, %.0f std from the spec's mean %.4g (std "
+                        "%.4g): are these calibrated values in the spec's units (scale %g, "
+                        "offset %g%s)? The model expects them.", spec.name, spec_band.name,
+                        median, sigmas, spec_band.mean, spec_band.std, spec.scale, spec.offset,
+                        ", dB" if spec.transform == "db" else "")
+    for item in items:
+        gsd = _source_gsd(item)
+        if gsd and gsd > COARSER_THAN_GSD * spec.gsd_m and (spec.name, "gsd") not in _warned:
+            _warned.add((spec.name, "gsd"))
+            log.warning("%s: item %s has %.4g m pixels, coarser than %g x the spec's %g m GSD: "
+                        "they are resampled up, and the embeddings see blur", spec.name,
+                        item.id, gsd, COARSER_THAN_GSD, spec.gsd_m)
+
+
+def _source_gsd(item: pystac.Item) -> float | None:
+    """The item's pixel size in metres, from `gsd` or its projection transform."""
+    transform = item.properties.get("proj:transform")
+    epsg = item.properties.get("proj:epsg")
+    crs = item.properties.get("proj:code") or (f"EPSG:{epsg}" if epsg else None)
+    if transform and len(transform) >= 6 and crs and crs != "EPSG:4326":  # metres, not degrees
+        return abs(float(transform[0]))
+    gsd = item.properties.get("gsd")
+    return float(gsd) if gsd else None
 
 
 def _failing_asset(items: Sequence[pystac.Item], spec: ModalitySpec, naming: str,

@@ -226,3 +226,24 @@ def test_a_multi_band_asset_is_read_band_by_band_when_the_item_lists_its_bands()
         renamed = item(**listed)
         renamed.assets["visual"] = renamed.assets.pop("image")
         load_cube([renamed], spec, geobox, naming="planetary-computer", lazy=False)
+
+
+def test_data_far_from_the_spec_or_coarser_than_its_gsd_are_warned_about(caplog):
+    """Sentinel-1 digital numbers read as if calibrated (+30 dB off), and 60 m pixels for a
+    10 m sensor: one warning each, naming the sensor, band and figures."""
+    from anysat.cube import batch
+
+    spec = SPECS["sentinel-1"]
+    items = demo_items("sentinel-1")
+    cube = read_cube(load_cube(items, spec, TILE.geobox(spec.gsd_m), naming="demo"))
+    batch._warned.clear()
+    batch.warn_if_unusual(cube.values, spec, items)
+    assert not caplog.records  # the demo's own data are as the spec says
+    batch.warn_if_unusual(cube.values + 30, spec, items)
+    coarse = items[0].clone()
+    coarse.properties["proj:transform"] = [60.0, 0, 600000, 0, -60.0, 5700000]
+    batch.warn_if_unusual(cube.values + 30, spec, [coarse])  # warned once per kind only
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "sentinel-1: band vv has median" in messages[0] and "std from the spec's mean -9.795" in messages[0]
+    assert f"item {coarse.id} has 60 m pixels, coarser than 3 x the spec's 10 m GSD" in messages[1]
