@@ -131,4 +131,8 @@ def hold(output_uri: str, what: str) -> Iterator[Lease]:
     finally:
         stop.set()
         keeper.join()
-        lease.release()
+        try:
+            lease.release()
+        except Exception as exc:  # noqa: BLE001 - storage gone: the lease expires by itself
+            log.warning("could not release the lease of %s (%s); it expires in %.0f s, or a "
+                        "rerun on this machine takes it over", output_uri, exc, ttl_s())

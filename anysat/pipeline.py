@@ -23,7 +23,8 @@ import torch
 from . import geoparquet, lease, storage
 from .batch import stack_samples
 from .cube.batch import load_items_batch
-from .errors import CheckpointError, NoItemsError, RequestError, TileReadError, TilesFailedError
+from .errors import (CheckpointError, NoItemsError, OutputNotWritableError, RequestError,
+                     TileReadError, TilesFailedError)
 from .model import AnySat, load_model
 from .model.checkpoint import weights_sha256
 from .modalities import resolve_sensors
@@ -31,6 +32,7 @@ from .plan import RunPlan, make_plan
 from .products import create_layer, maps, write_tile
 from .products.cog import export_cogs
 from .products.stac import write_stac
+from .redact import without_secrets
 from .products.vectors import layer_vectors
 from .products.zarr_layer import read_layer
 from .request import INT8_FROM_KM2, RegionRequest
@@ -170,13 +172,19 @@ def _write_tile(plan: RunPlan, tile: Tile, patches: np.ndarray | None, valid: np
     if patches is not None:
         patches[~valid] = np.nan
         valid_patches = int(valid.sum())
-        if valid_patches:
-            write_tile(plan.layer_uri(tile.epsg), grid, tile, patches)
     result = {"tile": tile.id, "epsg": tile.epsg, "status": "done" if valid_patches else "no-data",
               "valid_patches": valid_patches,
               "patches": grid.tile_px**2, "dates": dates, "area_km2": tile.area_km2,
               "seconds": round(seconds, 3)}
-    storage.write_bytes_atomic(plan.marker_uri(tile.id), json.dumps(result).encode())
+    try:  # the chunk first, its marker last: a tile is done only once both are whole
+        if valid_patches:
+            write_tile(plan.layer_uri(tile.epsg), grid, tile, patches)
+        storage.write_bytes_atomic(plan.marker_uri(tile.id), json.dumps(result).encode())
+    except Exception as exc:  # noqa: BLE001 - object storage, disk: any failure to write
+        raise OutputNotWritableError(
+            f"tile {tile.id}: cannot write to {plan.uri}: {type(exc).__name__}: "
+            f"{without_secrets(str(exc))[:300]}; the tiles written so far are kept, rerun the "
+            "same command to resume") from None
     log.info("tile %s: %d/%d patches with data, dates %s, %.2f km2, %.1f s", tile.id,
              valid_patches, result["patches"], dates, tile.area_km2, result["seconds"])
     return result
