@@ -168,3 +168,65 @@ def test_a_dask_worker_killed_mid_tile_costs_a_retry_not_a_tile(prefect_api, ref
     assert manifest["tiles"] == 9 and len(list((out / "tiles").iterdir())) == 9
     np.testing.assert_allclose(layer_values(manifest["layers"][0]["layer"]), reference,
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 600 kB tmpfs (the plan fits, the layer does not); skipped where mounting is not
+    allowed (it needs root with CAP_SYS_ADMIN, as on CI's machines)."""
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mountpoint)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    yield mountpoint
+    subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def test_a_full_disk_fails_clearly_and_the_rerun_completes(small_disk, reference):
+    command = [sys.executable, "-m", "anysat.cli", "embed", "--demo", "--tiles-per-batch", "1",
+               "--output", str(small_disk / "out")]
+    full = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
+    [error] = [line for line in full.stderr.splitlines() if "error:" in line]
+    assert "No space left on device" in error and "rerun the same command" in error
+    assert not (small_disk / "out" / "run.json").exists()
+    done_before = len(list((small_disk / "out" / "tiles").glob("*.json")))
+    assert done_before < 9
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)  # space freed
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    manifest = json.loads((small_disk / "out" / "run.json").read_text())
+    assert manifest["tiles"] == 9 and len(list((small_disk / "out" / "tiles").glob("*.json"))) == 9
+    np.testing.assert_allclose(layer_values(manifest["layers"][0]["layer"]), reference,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_an_output_turned_read_only_mid_run_fails_clearly_and_the_rerun_completes(small_disk,
+                                                                                 reference):
+    """Permission lost mid-run (as root, file modes do not stop writes: the file system is
+    remounted read-only instead, EROFS), then given back."""
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+    out = small_disk / "out"
+    command = [sys.executable, "-m", "anysat.cli", "embed", "--demo", "--tiles-per-batch", "1",
+               "--batch-size", "1", "--output", str(out)]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((out / "tiles").exists() and any((out / "tiles").glob("*.json"))):
+        assert run.poll() is None, run.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 2 and "Traceback" not in stderr, stderr
+    [error] = [line for line in stderr.splitlines() if "error:" in line]
+    assert "Read-only file system" in error and "rerun the same command" in error
+    assert not (out / "run.json").exists()
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["tiles"] == 9 and len(list((out / "tiles").glob("*.json"))) == 9
+    np.testing.assert_allclose(layer_values(manifest["layers"][0]["layer"]), reference,
+                               rtol=1e-5, atol=1e-5)

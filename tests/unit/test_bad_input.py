@@ -177,3 +177,22 @@ def test_a_western_bbox_is_not_taken_for_an_option(capsys):
     """`--bbox -74,40.7,-73.9,40.8` (a negative first number) reaches the estimate."""
     assert cli.main(["plan", "--estimate", "--bbox", "-74,40.7,-73.9,40.8", "--tile-size-m", "6000"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["zones"] == 1
+
+
+def test_an_s3_model_without_credentials_says_where_credentials_come_from(tmp_path, capsys,
+                                                                         monkeypatch):
+    import s3fs
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookups
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    s3fs.S3FileSystem.clear_instance_cache()
+    code = cli.main(["embed", *BBOX, "--model", "s3://no-such-bucket/checkpoint",
+                     "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert ("cannot read checkpoint s3://no-such-bucket/checkpoint: NoCredentialsError" in err
+            and "AWS_ACCESS_KEY_ID" in err), err
