@@ -89,6 +89,30 @@ def embed_region(request: RegionRequest) -> dict:
     return manifest
 
 
+@flow(name="embed-month", validate_parameters=True)
+def embed_month(request: RegionRequest, month: str | None = None) -> dict:
+    """A scheduled region run: the calendar month before the run's scheduled time (or
+    `month`, YYYY-MM) replaces the request's dates, and its layers go under
+    `<output_uri>/<YYYY-MM>`, so each month is its own resumable output."""
+    import datetime as dt
+
+    from prefect.runtime import flow_run
+
+    if month:
+        try:
+            first = dt.date.fromisoformat(f"{month}-01")
+        except ValueError:
+            raise AnySatError(f"month {month!r} is not YYYY-MM") from None
+    else:
+        scheduled = flow_run.scheduled_start_time or dt.datetime.now(dt.timezone.utc)
+        first = (scheduled.date().replace(day=1) - dt.timedelta(days=1)).replace(day=1)
+    last = (first.replace(day=28) + dt.timedelta(days=4)).replace(day=1) - dt.timedelta(days=1)
+    fields = {**request.model_dump(), "start": first, "end": last,
+              "output_uri": storage.join(request.output_uri, first.strftime("%Y-%m"))}
+    get_run_logger().info("embedding %s to %s into %s", first, last, fields["output_uri"])
+    return embed_region(RegionRequest.build(**fields))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_request_arguments(parser)

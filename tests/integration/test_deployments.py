@@ -1,0 +1,112 @@
+"""prefect.yaml as a platform team uses it: `prefect deploy` onto the real Prefect server on
+loopback, a process worker started here, deployment runs with region/date parameters writing
+to the S3 server on loopback; bad parameters fail before any task with the field named."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import pytest
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tests.conftest import DEMO_BBOX
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_api, s3_endpoint):
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "ANYSAT_REPO": str(REPO),
+           "ANYSAT_IMAGE_CPU": "anysat:cpu", "ANYSAT_IMAGE_CUDA": "anysat:cuda"}
+    pools = [["anysat-local", "--type", "process"],
+             ["anysat-k8s", "--type", "kubernetes", "--base-job-template",
+              str(REPO / "infra" / "kubernetes" / "work-pool-cpu.json")],
+             ["anysat-k8s-gpu", "--type", "kubernetes", "--base-job-template",
+              str(REPO / "infra" / "kubernetes" / "work-pool-gpu.json")]]
+    for pool in pools:
+        created = subprocess.run([PREFECT, "work-pool", "create", *pool], env=env,
+                                 capture_output=True, text=True, timeout=300)
+        assert created.returncode == 0, created.stdout + created.stderr
+    result = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return env
+
+
+def run_with_worker(env: dict, name: str, parameters: dict):
+    """Create a run of the deployment, then let a process worker (started here) pick it up."""
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        flow_run = run_deployment(name, parameters=parameters, timeout=0)
+    worker = subprocess.run([PREFECT, "worker", "start", "--pool", "anysat-local", "--run-once"],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+
+    async def final_state():
+        from prefect import get_client
+
+        async with get_client() as client:
+            return (await client.read_flow_run(flow_run.id)).state
+
+    import asyncio
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        return asyncio.run(final_state())
+
+
+def test_a_deployment_run_writes_its_layer_to_s3(deployed):
+    request = {"bbox": list(DEMO_BBOX), "start": "2020-11-01", "end": "2021-10-31",
+               "patch_size_m": 60.0, "output_uri": "s3://anysat/deployed"}
+    state = run_with_worker(deployed, "embed-region/adhoc", {"request": request})
+    assert state.is_completed(), state.message
+    manifest = json.loads(fsspec.filesystem("s3").cat_file("anysat/deployed/run.json"))
+    assert manifest["tiles"] == 9 and manifest["stac"] == "s3://anysat/deployed/stac/collection.json"
+
+
+def test_every_deployment_is_on_its_pool_and_the_monthly_one_is_scheduled(deployed, tmp_path):
+    async def deployments():
+        from prefect import get_client
+
+        async with get_client() as client:
+            return {d.name: d for d in await client.read_deployments()}
+
+    import asyncio
+
+    with temporary_settings(updates={PREFECT_API_URL: deployed["PREFECT_API_URL"]}):
+        found = asyncio.run(deployments())
+    pools = {name: d.work_pool_name for name, d in found.items()}
+    assert pools == {"adhoc": "anysat-local", "adhoc-gpu": "anysat-k8s-gpu",
+                     "monthly-belgium": "anysat-k8s", "ingest": "anysat-k8s",
+                     "pretrain-gpu": "anysat-k8s-gpu"}
+    assert found["adhoc-gpu"].job_variables["image"] == "anysat:cuda"
+    [schedule] = found["monthly-belgium"].schedules
+    assert schedule.schedule.cron == "0 6 2 * *" and schedule.active
+    # the monthly flow itself: a scheduled run embeds the month before its scheduled time
+    from flows.embed_region import embed_month
+    from anysat.request import RegionRequest
+
+    request = RegionRequest.build(bbox=DEMO_BBOX, start="2021-01-01", end="2021-01-31",
+                                  patch_size_m=60.0, output_uri=str(tmp_path / "monthly"))
+    with temporary_settings(updates={PREFECT_API_URL: deployed["PREFECT_API_URL"]}):
+        manifest = embed_month(request, month="2021-06")
+    assert manifest["request"]["start"] == "2021-06-01" and manifest["request"]["end"] == "2021-06-30"
+    assert (tmp_path / "monthly" / "2021-06" / "run.json").exists()
+
+
+def test_bad_parameters_fail_before_any_task_naming_the_field(deployed):
+    bad = {"bbox": list(DEMO_BBOX), "start": "2021-06-01", "end": "2021-01-01",
+           "output_uri": "s3://anysat/never"}
+    state = run_with_worker(deployed, "embed-region/adhoc", {"request": bad})
+    assert state.is_failed() and "start 2021-06-01 is after end 2021-01-01" in state.message
+    assert not fsspec.filesystem("s3").exists("anysat/never")
+    with temporary_settings(updates={PREFECT_API_URL: deployed["PREFECT_API_URL"]}), \
+            pytest.raises(Exception, match="tile_size_m"):
+        run_deployment("embed-region/adhoc", timeout=0, parameters={"request": {
+            **bad, "start": "2021-01-01", "tile_size_m": "big"}})
