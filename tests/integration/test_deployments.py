@@ -84,7 +84,8 @@ def test_every_deployment_is_on_its_pool_and_the_monthly_one_is_scheduled(deploy
     pools = {name: d.work_pool_name for name, d in found.items()}
     assert pools == {"adhoc": "anysat-local", "adhoc-gpu": "anysat-k8s-gpu",
                      "monthly-belgium": "anysat-k8s", "ingest": "anysat-k8s",
-                     "pretrain-gpu": "anysat-k8s-gpu"}
+                     "pretrain-gpu": "anysat-k8s-gpu", "europe": "anysat-k8s",
+                     "block-gpu": "anysat-k8s-gpu", "block": "anysat-local"}
     assert found["adhoc-gpu"].job_variables["image"] == "anysat:cuda"
     [schedule] = found["monthly-belgium"].schedules
     assert schedule.schedule.cron == "0 6 2 * *" and schedule.active
@@ -110,3 +111,80 @@ def test_bad_parameters_fail_before_any_task_naming_the_field(deployed):
             pytest.raises(Exception, match="tile_size_m"):
         run_deployment("embed-region/adhoc", timeout=0, parameters={"request": {
             **bad, "start": "2021-01-01", "tile_size_m": "big"}})
+
+
+def test_continental_killed_midway_and_rerun_runs_every_block_once(deployed, tmp_path):
+    """Two zones (the demo square in 31N, a square east of 6 E in 32N): three blocks, each a
+    run of `embed-tiles/block` on a process worker. The parent is SIGKILLed once the first
+    block is done; the rerun runs only the others and writes the manifest."""
+    import signal
+    import time
+
+    from shapely.geometry import box
+
+    from tests.conftest import SMALL_BBOX
+
+    east = (6.001, 50.6286, 6.006, 50.6310)
+    region = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": box(*b).__geo_interface__}
+        for b in (SMALL_BBOX, east)]}
+    out = tmp_path / "continent"
+    request = {"geojson": region, "start": "2020-11-01", "end": "2021-10-31",
+               "sensors": ["s2", "s1"], "patch_size_m": 60.0, "output_uri": str(out)}
+    script = ("import json, sys\nfrom flows.continental import continental\n"
+              "from anysat.request import RegionRequest\n"
+              "continental(RegionRequest.build(**json.loads(sys.argv[1])), "
+              "deployment='embed-tiles/block', max_concurrent_blocks=1)\n")
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "anysat-local", "--limit", "2"],
+                              env=deployed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        parent = subprocess.Popen([sys.executable, "-c", script, json.dumps(request)], cwd=REPO,
+                                  env={**deployed, "ANYSAT_LEASE_TTL_S": "30"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 600
+        while not any(json.loads(p.read_text()).get("status") == "done"
+                      for p in (out / "blocks").glob("*.json")) if (out / "blocks").exists() else True:
+            assert parent.poll() is None, parent.stdout.read()
+            assert time.time() < deadline
+            time.sleep(0.5)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        records = {p.stem: json.loads(p.read_text()) for p in (out / "blocks").glob("*.json")}
+        assert [r["status"] for r in records.values()].count("done") == 1
+        assert not (out / "run.json").exists()
+
+        rerun = subprocess.run([sys.executable, "-c", script, json.dumps(request)], cwd=REPO,
+                               env={**deployed, "ANYSAT_LEASE_TTL_S": "30"},
+                               capture_output=True, text=True, timeout=900)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    manifest = json.loads((out / "run.json").read_text())
+    assert [z["epsg"] for z in manifest["layers"]] == [32631, 32632]
+    records = {p.stem: json.loads(p.read_text()) for p in (out / "blocks").glob("*.json")}
+    from anysat.plan import read_plan
+
+    plan = read_plan(str(out))
+    blocks = {f"{e}_{b}" for e, b in zip(plan.tiles["epsg"], plan.tiles["block"])}
+    assert set(records) == blocks and len(blocks) == 3
+    assert {r["status"] for r in records.values()} == {"done"}
+    assert len(list((out / "tiles").glob("*.json"))) == manifest["tiles"]
+
+    async def block_runs():
+        from prefect import get_client
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+        async with get_client() as client:
+            return await client.read_flow_runs(deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=["block"])))
+
+    import asyncio
+
+    with temporary_settings(updates={PREFECT_API_URL: deployed["PREFECT_API_URL"]}):
+        runs = asyncio.run(block_runs())
+    by_block = {}
+    for run in runs:
+        block = next(t for t in run.tags if t.startswith("block:"))
+        by_block.setdefault(block, []).append(run.state.name)
+    assert by_block == {f"block:{b}": ["Completed"] for b in records}, by_block
