@@ -139,15 +139,19 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accumulation", type=int, default=C.accumulation,
                         help="micro-batches per optimizer step")
     parser.add_argument("--lr", type=float, default=C.lr)
+    parser.add_argument("--weight-decay", type=float, default=C.weight_decay)
     parser.add_argument("--warmup-steps", type=int)
     parser.add_argument("--crop-sizes-m", type=_floats, default=C.crop_sizes_m)
     parser.add_argument("--patch-sizes-m", type=_floats, default=C.patch_sizes_m)
+    parser.add_argument("--shuffle-buffer", type=int, default=C.shuffle_buffer,
+                        help="chips held to shuffle from, per loader")
     parser.add_argument("--sensor-drop", type=float, default=C.sensor_drop)
     parser.add_argument("--date-drop", type=float, default=C.date_drop)
     parser.add_argument("--modality-drop", type=float, default=C.modality_drop)
     parser.add_argument("--decorrelation", type=float, default=C.decorrelation)
     parser.add_argument("--seed", type=int, default=C.seed)
     parser.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every)
+    parser.add_argument("--keep-checkpoints", type=int, default=C.keep_checkpoints)
     parser.add_argument("--log-every", type=int, default=C.log_every)
     parser.add_argument("--monitor-every", type=int, default=C.monitor_every,
                         help="collapse monitors on a fixed probe batch every N steps (0: off)")
@@ -168,7 +172,9 @@ def train_config_from_args(args: argparse.Namespace, argv: list[str]):
         chips=[c.strip() for c in args.chips.split(",") if c.strip()], out=args.out,
         model=args.model, sensors=[s.strip() for s in args.sensors.split(",")] if args.sensors else None,
         dim=args.dim, depth=args.depth, steps=args.steps, batch_size=args.batch_size,
-        accumulation=args.accumulation, lr=args.lr, warmup_steps=args.warmup_steps,
+        accumulation=args.accumulation, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, shuffle_buffer=args.shuffle_buffer,
+        keep_checkpoints=args.keep_checkpoints,
         crop_sizes_m=tuple(args.crop_sizes_m), patch_sizes_m=tuple(args.patch_sizes_m),
         sensor_drop=args.sensor_drop, date_drop=args.date_drop, modality_drop=args.modality_drop,
         decorrelation=args.decorrelation, seed=args.seed, checkpoint_every=args.checkpoint_every,

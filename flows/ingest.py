@@ -24,7 +24,7 @@ from anysat.cli import add_ingest_arguments, attach_negative_values, ingest_requ
 from anysat.errors import AnySatError  # noqa: E402
 from anysat.redact import without_secrets  # noqa: E402
 from anysat.plan import plan_for_worker  # noqa: E402
-from anysat.request import DEFAULT_SENSORS, RegionRequest  # noqa: E402
+from anysat.request import RegionRequest  # noqa: E402
 from anysat.train import ingest as library  # noqa: E402
 from flows.dask_runner import dask_task_runner  # noqa: E402
 from flows.local_server import prefect_server  # noqa: E402
@@ -41,29 +41,17 @@ def ingest_batch(request: RegionRequest, plan_uri: str, plan_hash: str, tile_ids
     return library.ingest_tiles(library.IngestPlan(request, run.request.output_uri, run), tile_ids)
 
 
-@flow(name="ingest", task_runner=dask_task_runner())
-def ingest(
-    start: str,
-    end: str,
-    store_uri: str,
-    bbox: list[float] | None = None,
-    geojson: dict | None = None,
-    sensors: list[str] = list(DEFAULT_SENSORS),
-    chip_size_m: float = 240.0,
-    catalog: str = "demo",
-    tiles_per_batch: int = 4,
-    max_cloud: float | None = None,
-    time_bin: str | None = None,
-    cube_backend: str = "odc-stac",
-) -> dict:
+@flow(name="ingest", task_runner=dask_task_runner(), validate_parameters=True)
+def ingest(request: RegionRequest) -> dict:
     """Write the training chips of a region (bbox or GeoJSON; each feature in its own UTM
-    zone) between two dates to a chip store, then its index."""
+    zone) between two dates to a chip store, then its index. The parameter is the region
+    request: `tile_size_m` is the chip size (a multiple of every sensor's GSD) and
+    `output_uri` the chip store; model and product fields are not used."""
     logger = get_run_logger()
     started = time.perf_counter()
-    request = library.ingest_request(
-        chip_size_m, store_uri, bbox=tuple(bbox) if bbox else None, geojson=geojson, start=start,
-        end=end, sensors=tuple(sensors), catalog=catalog, tiles_per_batch=tiles_per_batch,
-        max_cloud=max_cloud, time_bin=time_bin, cube_backend=cube_backend)
+    fields = request.model_dump(exclude={"tile_size_m", "patch_size_m", "output_uri"})
+    request = library.ingest_request(request.tile_size_m, request.output_uri, **fields)
+    chip_size_m = request.tile_size_m
     plan = plan_ingest(request)
     batches = library.tile_batches(plan)
     futures = ingest_batch.map(unmapped(request), unmapped(plan.run.uri), unmapped(plan.run.hash),
@@ -91,14 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         request = ingest_request_from_args(args)
-        fields = request.model_dump(mode="json")
         with prefect_server():
-            summary = ingest(
-                start=fields["start"], end=fields["end"], store_uri=fields["output_uri"],
-                bbox=fields["bbox"], geojson=fields["geojson"], sensors=fields["sensors"],
-                chip_size_m=fields["tile_size_m"], catalog=fields["catalog"],
-                tiles_per_batch=fields["tiles_per_batch"], max_cloud=fields["max_cloud"],
-                time_bin=fields["time_bin"], cube_backend=fields["cube_backend"])
+            summary = ingest(request)
     except AnySatError as exc:
         print(f"ingest: error: {without_secrets(str(exc))}", file=sys.stderr)
         return 2

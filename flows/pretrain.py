@@ -5,11 +5,13 @@ Here the job is a local process; deployed on a GPU work pool it is the same comm
 GPU node. A rerun resumes from the newest complete checkpoint under `out`.
 
     python -m flows.pretrain --chips outputs/chips.zarr --out outputs/pretrain --steps 200
+    (the same options as `anysat pretrain`)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,30 +24,31 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
+from anysat.train.trainer import TrainConfig  # noqa: E402
 from flows.local_server import prefect_server  # noqa: E402
 
 
-def pretrain_command(chips: list[str], out: str, model: str, steps: int, nproc: int,
-                     batch_size: int, options: dict | None) -> list[str]:
-    argv = [sys.executable, "-m", "anysat.cli", "pretrain", "--chips", ",".join(chips),
-            "--out", out, "--model", model, "--steps", str(steps), "--nproc", str(nproc),
-            "--batch-size", str(batch_size), "--json-progress"]
-    for key, value in (options or {}).items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv += [flag] if value else []
-        else:
-            argv += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+def pretrain_command(config: TrainConfig, nproc: int) -> list[str]:
+    """`anysat pretrain` with every field of the config as its option (torchrun when
+    nproc > 1): the job runs the same code path as the CLI."""
+    argv = [sys.executable, "-m", "anysat.cli", "pretrain", "--nproc", str(nproc), "--json-progress"]
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if item.name in ("provenance", "json_progress") or value is None:
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        argv += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
     return argv
 
 
-@flow(name="pretrain")
-def pretrain(chips: list[str], out: str, model: str = "tiny", steps: int = 1000, nproc: int = 1,
-             batch_size: int = 8, options: dict | None = None) -> dict:
-    """Pretrain from chip stores into `out` (checkpoints, metrics, final model). `options`
-    are more `anysat pretrain` options by name, e.g. {"lr": 1e-4, "dim": 192, "workers": 2}."""
+@flow(name="pretrain", validate_parameters=True)
+def pretrain(config: TrainConfig, nproc: int = 1) -> dict:
+    """Pretrain from chip stores into `config.out` (checkpoints, metrics, final model) with
+    `nproc` processes (torchrun DDP when > 1). The parameter is the training config itself
+    (anysat.train.trainer.TrainConfig): the UI renders its fields."""
     logger = get_run_logger()
-    command = pretrain_command(chips, out, model, steps, nproc, batch_size, options)
+    command = pretrain_command(config, nproc)
+    steps, out = config.steps, config.out
     logger.info("launching: %s", " ".join(command[1:]))
     curve, summary, errors = [], None, []
 
@@ -88,19 +91,14 @@ def pretrain(chips: list[str], out: str, model: str = "tiny", steps: int = 1000,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from anysat.cli import add_pretrain_arguments, train_config_from_args
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chips", required=True, help="chip store URI(s), comma-separated")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--nproc", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--options", default="{}", help="more `anysat pretrain` options, JSON")
+    add_pretrain_arguments(parser)
     args = parser.parse_args(argv)
     try:
         with prefect_server():
-            result = pretrain(args.chips.split(","), args.out, args.model, args.steps,
-                              args.nproc, args.batch_size, json.loads(args.options))
+            result = pretrain(train_config_from_args(args, argv or sys.argv[1:]), args.nproc)
     except RuntimeError as exc:
         print(f"pretrain: error: {exc}", file=sys.stderr)
         return 2

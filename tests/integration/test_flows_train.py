@@ -8,7 +8,9 @@ from prefect.artifacts import Artifact
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from anysat import load_model
+from anysat.request import RegionRequest
 from anysat.train.chips import read_index
+from anysat.train.trainer import TrainConfig
 from tests.conftest import SMALL_BBOX
 
 pytestmark = pytest.mark.integration
@@ -20,14 +22,15 @@ def test_ingest_then_pretrain_flows(prefect_api, tmp_path):
 
     store, out = str(tmp_path / "chips.zarr"), str(tmp_path / "run")
     with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
-        state = ingest(start="2020-11-01", end="2021-10-31", store_uri=store,
-                       bbox=list(SMALL_BBOX), chip_size_m=120.0, return_state=True)
+        request = RegionRequest.build(start="2020-11-01", end="2021-10-31", bbox=SMALL_BBOX,
+                                      tile_size_m=120.0, output_uri=store)   # chips of 120 m
+        state = ingest(request, return_state=True)
         assert state.is_completed()
         summary = state.result()
         assert summary["chips"] == summary["chips_in_store"] == len(read_index(store)) >= 4
-        state = pretrain(chips=[store], out=out, steps=6, nproc=2, batch_size=2,
-                         options={"dim": 32, "depth": 1, "log_every": 2, "crop_sizes_m": [120],
-                                  "patch_sizes_m": [30]}, return_state=True)
+        config = TrainConfig(chips=[store], out=out, steps=6, batch_size=2, dim=32, depth=1,
+                             log_every=2, crop_sizes_m=(120.0,), patch_sizes_m=(30.0,))
+        state = pretrain(config, nproc=2, return_state=True)
         assert state.is_completed()
         result = state.result()
         curve = Artifact.get("pretrain-curve")
@@ -42,8 +45,8 @@ def test_pretrain_flow_fails_with_the_jobs_reason(prefect_api, tmp_path):
     from flows.pretrain import pretrain
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
-        state = pretrain(chips=[str(tmp_path / "none.zarr")], out=str(tmp_path / "run"), steps=2,
-                         return_state=True)
+        config = TrainConfig(chips=[str(tmp_path / "none.zarr")], out=str(tmp_path / "run"), steps=2)
+        state = pretrain(config, return_state=True)
     assert state.is_failed()
     with pytest.raises(RuntimeError, match="has no complete chips"):
         state.result()
