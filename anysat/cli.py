@@ -8,10 +8,15 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterable
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
+
+from pydantic_core import PydanticUndefined
 
 from .errors import AnySatError
 from .redact import redact_logs, without_secrets
-from .request import DEFAULT_MODEL, DEFAULT_SENSORS, INT8_FROM_KM2, RegionRequest
+from .request import DEFAULT_MODEL, REGION_FIELDS, RegionRequest
 
 DEMO_BBOX = (5.3189, 50.6286, 5.3334, 50.6378)  # the demo catalog's 1 km2 in Belgium
 DEMO_DATES = ("2020-11-01", "2021-10-31")
@@ -24,55 +29,52 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _strings(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def add_model_options(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    """One option per RegionRequest field, built from the field itself (type, choices,
+    default and description): the request model is where fields are declared. Options not
+    given stay out of the namespace, so the model's defaults apply."""
+    for name in names:
+        info = RegionRequest.model_fields[name]
+        extra = info.json_schema_extra or {}
+        if extra.get("cli") is False:
+            continue
+        annotation = info.annotation
+        if get_origin(annotation) in (Union, UnionType):  # X | None
+            annotation = next(a for a in get_args(annotation) if a is not type(None))
+        kwargs: dict = {"dest": name, "default": argparse.SUPPRESS}
+        if get_origin(annotation) is Literal:
+            kwargs["choices"] = list(get_args(annotation))
+        elif get_origin(annotation) is tuple:
+            numbers = get_args(annotation)[0] is float
+            kwargs["type"] = _floats if numbers else _strings
+        elif annotation in (int, float):
+            kwargs["type"] = annotation
+        default = info.get_default()
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        suffix = f" (default: {shown})" if shown not in (None, "", PydanticUndefined) else ""
+        kwargs["help"] = (info.description or "") + ("; comma-separated" if get_origin(annotation)
+                                                     is tuple else "") + suffix
+        kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(extra.get("cli", "--" + name.replace("_", "-")), **kwargs)
+
+
 def add_region_arguments(parser: argparse.ArgumentParser) -> None:
     """Where, when, which sensors, from which catalog: shared by `embed` and `ingest`."""
-    parser.add_argument("--bbox", type=_floats, help="west,south,east,north in degrees")
+    add_model_options(parser, REGION_FIELDS)
     parser.add_argument("--geojson", help="path of a GeoJSON file with the region")
-    parser.add_argument("--start", help="first date, YYYY-MM-DD")
-    parser.add_argument("--end", help="last date (inclusive), YYYY-MM-DD")
-    parser.add_argument("--sensors", default=",".join(DEFAULT_SENSORS),
-                        help="comma-separated sensor names or aliases (s2, s1, dem)")
-    parser.add_argument("--catalog", default="demo",
-                        help="provider name (demo, planetary-computer, earth-search), STAC API "
-                             "URL or static catalog.json")
-    parser.add_argument("--catalog-naming",
-                        help="whose collection ids and asset keys the catalog uses (a key of the "
-                             "sensor specs' `collections`: planetary-computer, earth-search, "
-                             "...); default: the provider's own, or planetary-computer for a URL "
-                             "or path")
     parser.add_argument("--modalities", help="a folder of your own sensor specs (YAML, as "
                                              "catalogs/modalities/); sets ANYSAT_MODALITIES")
-    parser.add_argument("--tiles-per-batch", type=int, default=2)
-    parser.add_argument("--max-cloud", type=float, help="scene cloud cover limit, percent")
-    parser.add_argument("--time-bin", help="median per period: MS monthly, QS quarterly, 14D...")
-    parser.add_argument("--cube-backend", choices=["odc-stac", "stackstac"], default="odc-stac")
     parser.add_argument("--demo", action="store_true",
                         help="the embedded demo region and dates where not given")
 
 
 def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     add_region_arguments(parser)
-    parser.add_argument("--patch-size-m", type=float, default=30.0)
-    parser.add_argument("--tile-size-m", type=float, default=600.0)
-    parser.add_argument("--output", default="outputs", help="output URI: a path, s3://, gs://, ...")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="checkpoint path/URI, `demo` (the shipped checkpoint) or a size "
-                             "name for a random initialisation (tiny, small, base)")
-    parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--quantize", default="auto", choices=["auto", "none", "int8"],
-                        help="int8: layers a quarter of the size (a per-pixel scale; the rule is "
-                             "in the layer's attributes); auto (default): int8 for regions over "
-                             f"{INT8_FROM_KM2:,.0f} km2, else float32")
-    parser.add_argument("--products", default="",
-                        help="comma-separated, besides the layer and its preview: cog (a GeoTIFF "
-                             "per block of tiles), vectors (GeoParquet of patches and tiles), "
-                             "clusters (k-means map), classes (a linear-probe map of --labels)")
-    parser.add_argument("--clusters", type=int, default=8, help="k of the cluster map")
-    parser.add_argument("--labels", help="labels for the class map: GeoJSON Points or Polygons "
-                                         "with a `label` property, or Parquet/CSV points with "
-                                         "lon, lat, label")
+    add_model_options(parser, [n for n in RegionRequest.model_fields if n not in REGION_FIELDS])
 
 
 def _read_geojson(path: str | None) -> dict | None:
@@ -86,29 +88,25 @@ def _read_geojson(path: str | None) -> dict | None:
 
 
 def region_fields(args: argparse.Namespace) -> dict:
-    """The region, dates, sensors and catalog options of a request, as RegionRequest fields."""
+    """The request fields given on the command line (and the demo's region and dates with
+    --demo where not given)."""
     if args.modalities:  # an environment variable, so that worker processes see it too
         os.environ["ANYSAT_MODALITIES"] = os.pathsep.join(
             filter(None, [os.environ.get("ANYSAT_MODALITIES"), args.modalities]))
+    fields = {name: getattr(args, name) for name in RegionRequest.model_fields if hasattr(args, name)}
     geojson = _read_geojson(args.geojson)
-    bbox = args.bbox if args.bbox or geojson else (DEMO_BBOX if args.demo else None)
-    return dict(
-        bbox=bbox, geojson=geojson,
-        start=args.start or (DEMO_DATES[0] if args.demo else None),
-        end=args.end or (DEMO_DATES[1] if args.demo else None),
-        sensors=tuple(s.strip() for s in args.sensors.split(",") if s.strip()),
-        catalog=args.catalog, catalog_naming=args.catalog_naming,
-        tiles_per_batch=args.tiles_per_batch, max_cloud=args.max_cloud,
-        time_bin=args.time_bin, cube_backend=args.cube_backend)
+    if geojson is not None:
+        fields["geojson"] = geojson
+    if args.demo:
+        if "bbox" not in fields and geojson is None:
+            fields["bbox"] = DEMO_BBOX
+        fields.setdefault("start", DEMO_DATES[0])
+        fields.setdefault("end", DEMO_DATES[1])
+    return fields
 
 
 def request_from_args(args: argparse.Namespace) -> RegionRequest:
-    return RegionRequest.build(**region_fields(args), patch_size_m=args.patch_size_m,
-                               tile_size_m=args.tile_size_m, output_uri=args.output,
-                               model=args.model, batch_size=args.batch_size, device=args.device,
-                               dtype=args.dtype, quantize=args.quantize,
-                               products=tuple(p.strip() for p in args.products.split(",") if p.strip()),
-                               clusters=args.clusters, labels=args.labels)
+    return RegionRequest.build(**region_fields(args))
 
 
 def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
@@ -267,10 +265,12 @@ def estimate_plan(args: argparse.Namespace) -> None:
     from .tiles import plan_zones
 
     today = dt.date.today().isoformat()  # the grid does not depend on dates
-    fields = {**region_fields(args), "start": today, "end": today}
-    request = RegionRequest.build(**fields, tile_size_m=args.tile_size_m,
-                                  patch_size_m=args.tile_size_m)
-    zones = plan_zones(request.geometry, args.tile_size_m)
+    tile_size_m = getattr(args, "tile_size_m", RegionRequest.model_fields["tile_size_m"].default)
+    fields = {**region_fields(args), "start": today, "end": today, "tile_size_m": tile_size_m,
+              "patch_size_m": tile_size_m}
+    request = RegionRequest.build(**{k: v for k, v in fields.items()
+                                     if k in REGION_FIELDS or k.endswith("_size_m")})
+    zones = plan_zones(request.geometry, tile_size_m)
     for zone in zones:
         print(json.dumps({"zone": f"EPSG:{zone.epsg}", "tiles": len(zone),
                           "area_km2": round(zone.area_km2, 1)}))

@@ -20,6 +20,9 @@ DEFAULT_SENSORS = ("sentinel-2-l2a", "sentinel-1", "copernicus-dem")
 DEFAULT_MODEL = "demo"  # the pretrained checkpoint that ships (catalogs/checkpoints/demo)
 MAX_TILE_SIZE_M = 20_000.0  # 2,000 x 2,000 px of Sentinel-2 per tile and date
 INT8_FROM_KM2 = 10_000.0  # `quantize="auto"` stores larger regions' layers as int8
+# what chooses where, when and from what: the fields `anysat ingest` shares with `embed`
+REGION_FIELDS = ("bbox", "geojson", "start", "end", "sensors", "catalog", "catalog_naming",
+                 "tiles_per_batch", "max_cloud", "time_bin", "cube_backend")
 
 
 def _iso_date(value: Any) -> Any:
@@ -47,32 +50,54 @@ class RegionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    bbox: tuple[float, float, float, float] | None = None
-    geojson: dict[str, Any] | None = None
-    start: IsoDate
-    end: IsoDate
-    sensors: tuple[str, ...] = DEFAULT_SENSORS
-    patch_size_m: Metres = 30.0
-    tile_size_m: Metres = 600.0
-    catalog: str = "demo"
-    # whose collection ids and asset keys the catalog uses (a key of the specs' `collections`);
-    # None: the provider's own, or Planetary Computer's for a URL or path
-    catalog_naming: str | None = None
-    output_uri: str = "outputs"
-    model: str = DEFAULT_MODEL
-    tiles_per_batch: int = Field(default=2, ge=1)   # tiles per task (a Prefect task run)
-    batch_size: int = Field(default=4, ge=1)        # tiles per forward of the model
-    device: str = "cpu"                             # cpu, cuda, cuda:1, ...
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype of the forward
-    max_cloud: float | None = Field(default=None, ge=0, le=100)  # scene cloud cover, %
-    time_bin: str | None = None  # median per period, a pandas offset alias ("MS" = monthly)
-    cube_backend: Literal["odc-stac", "stackstac"] = "odc-stac"
-    # int8: a quarter of the size, per-pixel scale; auto: int8 for regions over INT8_FROM_KM2
-    quantize: Literal["auto", "none", "int8"] = "auto"
-    # products besides the layer and its preview, and their options
-    products: tuple[Literal["cog", "vectors", "clusters", "classes"], ...] = ()
-    clusters: int = Field(default=8, ge=2, le=255)   # k of the k-means cluster map
-    labels: str | None = None  # labelled points or polygons (GeoJSON, Parquet, CSV): class map
+    # Each field's description is also its `anysat embed` option's help (anysat.cli builds
+    # the options from these fields), so fields and defaults are declared here only.
+    bbox: tuple[float, float, float, float] | None = Field(
+        None, description="west,south,east,north in degrees (west > east: across the antimeridian)")
+    geojson: dict[str, Any] | None = Field(
+        None, description="the region as GeoJSON (Polygon/MultiPolygon, lon/lat); the CLI takes "
+                          "a file path", json_schema_extra={"cli": False})
+    start: IsoDate = Field(description="first date, YYYY-MM-DD")
+    end: IsoDate = Field(description="last date (inclusive), YYYY-MM-DD")
+    sensors: tuple[str, ...] = Field(
+        DEFAULT_SENSORS, description="sensor names or aliases (s2, s1, dem, landsat, naip, ...)")
+    patch_size_m: Metres = Field(30.0, description="patch side in metres, a multiple of every "
+                                                   "sensor's GSD: one embedding per patch")
+    tile_size_m: Metres = Field(600.0, description="tile side in metres, a multiple of the patch "
+                                                   "size: the unit read and embedded at once")
+    catalog: str = Field("demo", description="provider name (demo, planetary-computer, "
+                                             "earth-search, or one of ANYSAT_PROVIDERS), STAC API "
+                                             "URL, or static catalog.json path/URI")
+    catalog_naming: str | None = Field(
+        None, description="whose collection ids and asset keys the catalog uses (a key of the "
+                          "specs' `collections`: planetary-computer, earth-search, ...); default: "
+                          "the provider's own, or planetary-computer for a URL or path")
+    output_uri: str = Field("outputs", description="output URI: a path, s3://, gs://, ...",
+                            json_schema_extra={"cli": "--output"})
+    model: str = Field(DEFAULT_MODEL, description="checkpoint path/URI, `demo` (the shipped "
+                                                  "checkpoint) or a size name for a random "
+                                                  "initialisation (tiny, small, base)")
+    tiles_per_batch: int = Field(2, ge=1, description="tiles per task (a Prefect task run)")
+    batch_size: int = Field(4, ge=1, description="tiles per forward of the model")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype of the "
+                                                                       "forward")
+    max_cloud: float | None = Field(None, ge=0, le=100, description="scene cloud cover limit, %")
+    time_bin: str | None = Field(None, description="median per period, a pandas offset alias: "
+                                                   "MS monthly, QS quarterly, 14D...")
+    cube_backend: Literal["odc-stac", "stackstac"] = Field("odc-stac", description="cube reader")
+    quantize: Literal["auto", "none", "int8"] = Field(
+        "auto", description="int8: layers a quarter of the size (a per-pixel scale; the rule is "
+                            f"in the layer's attributes); auto: int8 for regions over "
+                            f"{INT8_FROM_KM2:,.0f} km2, else float32")
+    products: tuple[Literal["cog", "vectors", "clusters", "classes"], ...] = Field(
+        (), description="besides the layer and its preview: cog (a GeoTIFF per block of tiles), "
+                        "vectors (GeoParquet of patches and tiles), clusters (k-means map), "
+                        "classes (a linear-probe map of --labels)")
+    clusters: int = Field(8, ge=2, le=255, description="k of the cluster map")
+    labels: str | None = Field(None, description="labels for the class map: GeoJSON Points or "
+                                                 "Polygons with a `label` property, or "
+                                                 "Parquet/CSV points with lon, lat, label")
 
     @model_validator(mode="after")
     def _check(self) -> RegionRequest:

@@ -69,3 +69,27 @@ def test_auto_quantize_stores_large_regions_as_int8_and_is_the_same_run_as_int8(
     as_int8 = large.model_copy(update={"quantize": "int8"})
     assert fingerprint(large, specs, "sha") == fingerprint(as_int8, specs, "sha")
     assert fingerprint(small, specs, "sha")["quantize"] == "none"
+
+
+def test_the_cli_options_are_the_request_models_fields():
+    """Declared once: every RegionRequest field is an `anysat embed` option (GeoJSON as a
+    file path), with the model's type, choices, default and description."""
+    import argparse
+
+    from anysat.cli import add_request_arguments, request_from_args
+
+    parser = argparse.ArgumentParser()
+    add_request_arguments(parser)
+    options = {a.dest: a for a in parser._actions}
+    assert set(RegionRequest.model_fields) - {"geojson"} <= set(options)
+    assert options["dtype"].choices == ["fp32", "bf16", "fp16"]
+    assert "(default: 600.0)" in options["tile_size_m"].help
+    assert options["output_uri"].option_strings == ["--output"]
+    args = parser.parse_args(["--bbox", "5.3,50.6,5.4,50.7", "--start", "2021-01-01",
+                              "--end", "2021-02-01", "--products", "cog,vectors", "--tile-size-m", "1200"])
+    request = request_from_args(args)
+    default = RegionRequest.build(bbox=(5.3, 50.6, 5.4, 50.7), start="2021-01-01", end="2021-02-01")
+    assert request.products == ("cog", "vectors") and request.tile_size_m == 1200
+    # what was not given is the model's default, not a second copy of it in the CLI
+    assert request.model_dump(exclude={"products", "tile_size_m"}) == default.model_dump(
+        exclude={"products", "tile_size_m"})
