@@ -25,7 +25,14 @@ PREFECT = str(Path(sys.executable).parent / "prefect")
 @pytest.fixture(scope="module")
 def deployed(prefect_api, s3_endpoint):
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "ANYSAT_REPO": str(REPO),
-           "ANYSAT_IMAGE_CPU": "anysat:cpu", "ANYSAT_IMAGE_CUDA": "anysat:cuda"}
+           "ANYSAT_IMAGE_CPU": "anysat:cpu", "ANYSAT_IMAGE_CUDA": "anysat:cuda",
+           # results persist to object storage, as infra/kubernetes/namespace.yaml sets it
+           "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+           "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK": "remote-file-system/anysat-results"}
+    from prefect.filesystems import RemoteFileSystem
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+        RemoteFileSystem(basepath="s3://anysat/prefect-results").save("anysat-results", overwrite=True)
     pools = [["anysat-local", "--type", "process"],
              ["anysat-k8s", "--type", "kubernetes", "--base-job-template",
               str(REPO / "infra" / "kubernetes" / "work-pool-cpu.json")],
@@ -68,6 +75,9 @@ def test_a_deployment_run_writes_its_layer_to_s3(deployed):
     assert state.is_completed(), state.message
     manifest = json.loads(fsspec.filesystem("s3").cat_file("anysat/deployed/run.json"))
     assert manifest["tiles"] == 9 and manifest["stac"] == "s3://anysat/deployed/stac/collection.json"
+    # the flow's result (the manifest) persisted in the bucket, not on the worker's disk
+    results = fsspec.filesystem("s3", skip_instance_cache=True).ls("anysat/prefect-results")
+    assert results
 
 
 def test_every_deployment_is_on_its_pool_and_the_monthly_one_is_scheduled(deployed, tmp_path):

@@ -93,7 +93,7 @@ def test_dockerfiles_install_the_right_torch_then_the_pinned_package(kind, index
     assert index in parser.args["TORCH_INDEX"] and "${TORCH_INDEX}" in torch_line
     package = next(r for r in runs if "-c constraints.txt" in r)
     assert runs.index(torch_line) < runs.index(package)  # torch first: no CUDA wheel on CPU
-    assert ".[flows,cloud]" in package and "prefect-kubernetes" in package and "prefect-aws" in package
+    assert ".[flows,cloud]" in package and "prefect-kubernetes" in package
     copied = {i["value"].split()[0] for i in parser.structure if i["instruction"] == "COPY"}
     assert {"anysat", "flows", "catalogs", "prefect.yaml"} <= copied
     assert parser.baseimage.startswith("python:3.11")
