@@ -45,12 +45,30 @@ def embed_tiles(request: RegionRequest, plan_hash: str, tile_ids: list[str]) -> 
     if failed:
         raise TilesFailedError(f"{len(failed)} of {len(tile_ids)} tiles failed: "
                                f"{'; '.join(failed[:5])}")
-    return {"tiles": len(results), "valid_patches": sum(r.get("valid_patches", 0) for r in results)}
+    # what the parent's manifest needs, one object per block, not one read per tile
+    summary = [{"tile": r["tile"], "valid_patches": r["valid_patches"]} for r in results]
+    storage.write_bytes_atomic(_summary_uri(plan, tile_ids), json.dumps(summary).encode())
+    return {"tiles": len(results), "valid_patches": sum(r["valid_patches"] for r in results)}
 
 
 def _blocks(plan: RunPlan) -> dict[str, list[str]]:
     return {f"{epsg}_{block}": list(group.index)
             for (epsg, block), group in plan.tiles.groupby(["epsg", "block"])}
+
+
+def _summary_uri(plan: RunPlan, tile_ids: list[str]) -> str:
+    """Where a block run leaves its tiles' patch counts (named by the block of its tiles)."""
+    epsg, block = plan.tiles.loc[tile_ids[0], ["epsg", "block"]]
+    return storage.join(plan.uri, "blocks", f"{epsg}_{block}.tiles.json")
+
+
+def _block_results(plan: RunPlan, ids: list[str]) -> list[dict]:
+    """The block's tiles' patch counts: its run's summary, or (a run that died before
+    writing it, its tiles all done) the tiles' own markers."""
+    uri = _summary_uri(plan, ids)
+    if storage.exists(uri):
+        return json.loads(storage.read_bytes(uri))
+    return [json.loads(storage.read_bytes(plan.marker_uri(t))) for t in ids]
 
 
 def _record_uri(plan: RunPlan, block: str) -> str:
@@ -94,7 +112,7 @@ def continental(request: RegionRequest, deployment: str = "embed-tiles/block",
             raise TilesFailedError(
                 f"{len(failures)} of {len(blocks)} blocks failed ({'; '.join(failures[:5])}); "
                 "rerun the flow to retry only those blocks")
-        results = [json.loads(storage.read_bytes(plan.marker_uri(t))) for t in plan.tile_ids]
+        results = [r for ids in blocks.values() for r in _block_results(plan, ids)]
         return pipeline.finish_run(plan, results, time.perf_counter() - started)
 
 

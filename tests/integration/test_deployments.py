@@ -123,6 +123,12 @@ def test_bad_parameters_fail_before_any_task_naming_the_field(deployed):
             **bad, "start": "2021-01-01", "tile_size_m": "big"}})
 
 
+def block_records(out: Path) -> dict[str, dict]:
+    """The continental run's block records (not the blocks' tile summaries)."""
+    return {p.stem: json.loads(p.read_text()) for p in (out / "blocks").glob("*.json")
+            if not p.name.endswith(".tiles.json")} if (out / "blocks").exists() else {}
+
+
 def test_continental_killed_midway_and_rerun_runs_every_block_once(deployed, tmp_path):
     """Two zones (the demo square in 31N, a square east of 6 E in 32N): three blocks, each a
     run of `embed-tiles/block` on a process worker. The parent is SIGKILLed once the first
@@ -152,14 +158,13 @@ def test_continental_killed_midway_and_rerun_runs_every_block_once(deployed, tmp
                                   env={**deployed, "ANYSAT_LEASE_TTL_S": "30"},
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 600
-        while not any(json.loads(p.read_text()).get("status") == "done"
-                      for p in (out / "blocks").glob("*.json")) if (out / "blocks").exists() else True:
+        while not any(r.get("status") == "done" for r in block_records(out).values()):
             assert parent.poll() is None, parent.stdout.read()
             assert time.time() < deadline
             time.sleep(0.5)
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        records = {p.stem: json.loads(p.read_text()) for p in (out / "blocks").glob("*.json")}
+        records = block_records(out)
         assert [r["status"] for r in records.values()].count("done") == 1
         assert not (out / "run.json").exists()
 
@@ -172,14 +177,17 @@ def test_continental_killed_midway_and_rerun_runs_every_block_once(deployed, tmp
         worker.wait(timeout=60)
     manifest = json.loads((out / "run.json").read_text())
     assert [z["epsg"] for z in manifest["layers"]] == [32631, 32632]
-    records = {p.stem: json.loads(p.read_text()) for p in (out / "blocks").glob("*.json")}
+    records = block_records(out)
     from anysat.plan import read_plan
 
     plan = read_plan(str(out))
     blocks = {f"{e}_{b}" for e, b in zip(plan.tiles["epsg"], plan.tiles["block"])}
     assert set(records) == blocks and len(blocks) == 3
     assert {r["status"] for r in records.values()} == {"done"}
-    assert len(list((out / "tiles").glob("*.json"))) == manifest["tiles"]
+    markers = [json.loads(p.read_text()) for p in (out / "tiles").glob("*.json")]
+    assert len(markers) == manifest["tiles"]
+    # the manifest's counts, from the blocks' summaries, are the tiles' own
+    assert manifest["patches_with_data"] == sum(m["valid_patches"] for m in markers) > 0
 
     async def block_runs():
         from prefect import get_client
