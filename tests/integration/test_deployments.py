@@ -154,12 +154,13 @@ def test_continental_killed_midway_and_rerun_runs_every_block_once(deployed, tmp
     worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "anysat-local", "--limit", "2"],
                               env=deployed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        log = open(tmp_path / "parent.log", "w")  # a file, not a pipe nobody reads meanwhile
         parent = subprocess.Popen([sys.executable, "-c", script, json.dumps(request)], cwd=REPO,
                                   env={**deployed, "ANYSAT_LEASE_TTL_S": "30"},
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                  stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 600
         while not any(r.get("status") == "done" for r in block_records(out).values()):
-            assert parent.poll() is None, parent.stdout.read()
+            assert parent.poll() is None, (tmp_path / "parent.log").read_text()
             assert time.time() < deadline
             time.sleep(0.5)
         parent.send_signal(signal.SIGKILL)
