@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pytest
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -70,11 +71,18 @@ def run_with_worker(env: dict, name: str, parameters: dict):
 
 def test_a_deployment_run_writes_its_layer_to_s3(deployed):
     request = {"bbox": list(DEMO_BBOX), "start": "2020-11-01", "end": "2021-10-31",
-               "patch_size_m": 60.0, "output_uri": "s3://anysat/deployed"}
+               "patch_size_m": 60.0, "quantize": "int8", "output_uri": "s3://anysat/deployed"}
     state = run_with_worker(deployed, "embed-region/adhoc", {"request": request})
     assert state.is_completed(), state.message
     manifest = json.loads(fsspec.filesystem("s3").cat_file("anysat/deployed/run.json"))
     assert manifest["tiles"] == 9 and manifest["stac"] == "s3://anysat/deployed/stac/collection.json"
+    # the int8 layer on S3, read back dequantized
+    from anysat.products import embeddings, read_layer
+
+    layer = read_layer(manifest["layers"][0]["layer"])
+    values = embeddings(layer)
+    assert layer.embedding.dtype == "int8"
+    assert int(np.isfinite(values).all(-1).sum()) == manifest["patches_with_data"] > 0
     # the flow's result (the manifest) persisted in the bucket, not on the worker's disk
     results = fsspec.filesystem("s3", skip_instance_cache=True).ls("anysat/prefect-results")
     assert results

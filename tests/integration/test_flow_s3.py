@@ -30,7 +30,7 @@ def test_flow_writes_layer_to_s3(prefect_api, s3_endpoint):
     with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
         request = RegionRequest.build(start="2020-11-01", end="2021-10-31", bbox=DEMO_BBOX,
                                       patch_size_m=60.0, output_uri="s3://anysat/demo-run",
-                                      products=("cog", "vectors"))
+                                      products=("cog", "vectors", "clusters"), clusters=4)
         state = embed_region(request, return_state=True)
     assert state.is_completed()
     manifest = state.result()
@@ -61,6 +61,12 @@ def test_flow_writes_layer_to_s3(prefect_api, s3_endpoint):
         np.testing.assert_array_equal(np.moveaxis(src.read(), 0, -1), emb)
     with fs.open(zone["vectors"]["patches"], "rb") as f:
         assert pq.read_table(f).num_rows == 18 * 18
+    [cluster_cog] = zone["clusters"]["cogs"]
+    assert fs.cat_file(zone["clusters"]["png"])[:4] == b"\x89PNG"
+    with rasterio.io.MemoryFile(fs.cat_file(cluster_cog)) as memory, memory.open() as src:
+        clusters = src.read(1)
+        assert src.crs.to_epsg() == 32631 and src.nodata == 255
+    assert set(np.unique(clusters[has_data])) <= set(range(4)) and (clusters[~has_data] == 255).all()
 
     # its STAC, validated offline on S3, and loaded back by odc-stac through GDAL's S3 reader
     assert manifest["stac"] == "s3://anysat/demo-run/stac/collection.json"
