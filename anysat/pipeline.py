@@ -201,12 +201,10 @@ def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
     means the run is complete."""
     failed = [r for r in results if "failed" in r]
     if failed:
-        listed = "; ".join(r["failed"] for r in failed[:10])
-        more = f" (and {len(failed) - 10} more)" if len(failed) > 10 else ""
         others = len(plan.tile_ids) - len(failed)
         raise TilesFailedError(
             f"{len(failed)} of {len(plan.tile_ids)} tiles failed"
-            f"{f', the other {others} are done' if others else ''}: {listed}{more}. "
+            f"{f', the other {others} are done' if others else ''}: {_grouped(failed)}. "
             "Rerun the same command to retry only the failed tiles.")
     done = {r["tile"] for r in results}
     missing = [t for t in plan.tile_ids if t not in done]
@@ -255,6 +253,21 @@ def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
     storage.write_bytes_atomic(plan.manifest_uri, json.dumps(manifest, indent=2).encode())
     log.info("wrote %d layer(s) and the manifest %s", len(layers), plan.manifest_uri)
     return manifest
+
+
+def _grouped(failed: list[dict], shown: int = 10) -> str:
+    """Failures by reason (one missing scene fails every tile it covers): each reason once,
+    with the tiles it hit."""
+    by_reason: dict[str, list[str]] = {}
+    for r in failed:
+        reason = r["failed"].removeprefix(f"tile {r['tile']}: ")
+        by_reason.setdefault(reason, []).append(r["tile"])
+    parts = []
+    for reason, tiles in list(by_reason.items())[:shown]:
+        named = ", ".join(tiles[:3]) + (f" and {len(tiles) - 3} more" if len(tiles) > 3 else "")
+        parts.append(f"{'tile' if len(tiles) == 1 else 'tiles'} {named}: {reason}")
+    more = len(by_reason) - shown
+    return "; ".join(parts) + (f" (and {more} other reasons)" if more > 0 else "")
 
 
 def write_products(plan: RunPlan, epsg: int, preview_s: float, has_data: bool) -> dict:

@@ -73,6 +73,8 @@ def test_cli_run_with_a_failing_signed_asset_leaks_no_token(private_catalog, tmp
     # the failure names the tile and the asset (never its signed URL) and the reason
     missing = f"asset {private_catalog['url']}/{private_catalog['missing']}: HTTP response code: 404"
     assert "tiles failed" in result.stderr and missing in result.stderr
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("anysat: error:")]
+    assert error.count(missing) == 1 and "and 6 more" in error  # one reason, the tiles it hit
     assert SECRET not in result.stdout + result.stderr and "sig=" not in result.stderr
     assert scan(out) == []
     assert (out / "plan" / "items").exists()  # the plan was written: its hrefs are unsigned
