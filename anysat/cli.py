@@ -243,11 +243,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 def run_plan(args: argparse.Namespace) -> None:
     if args.estimate:
         return estimate_plan(args)
-    from . import lease, storage
+    from . import lease
     from .pipeline import plan_run
 
     request = request_from_args(args)
-    storage.check_writable(request.output_uri)
     with lease.hold(request.output_uri, "anysat plan"):
         plan = plan_run(request, create_layers=False)
     tiles = plan.tiles

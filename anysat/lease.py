@@ -110,7 +110,9 @@ class Lease:
 
 @contextmanager
 def hold(output_uri: str, what: str) -> Iterator[Lease]:
-    """Hold the output's lease for the body (renewed in the background), then release it."""
+    """Hold the output's lease for the body (renewed in the background), then release it.
+    An output that cannot be written fails first, with the reason."""
+    storage.check_writable(output_uri)
     lease = Lease(output_uri, what)
     lease.acquire()
     stop = threading.Event()

@@ -321,7 +321,6 @@ def run_region(request: RegionRequest) -> dict:
     """The whole run in this process (what `anysat embed` does without Prefect), holding the
     output's lease so that no other run writes into it meanwhile."""
     started = time.perf_counter()
-    storage.check_writable(request.output_uri)
     with lease.hold(request.output_uri, "anysat embed"):
         plan = plan_run(request)
         results: list[dict] = []

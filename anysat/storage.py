@@ -38,15 +38,20 @@ def read_bytes(uri: str) -> bytes:
     return fs.cat_file(path)
 
 
+def _local_temp(path: str, data: bytes) -> str:
+    """`data` written whole to a temporary file beside `path` (its folder made); its name."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    return tmp
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Readers see the old object or the whole new one, never a half-written file."""
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        os.replace(_local_temp(path, data), path)
     else:  # object stores publish a PUT whole or not at all
         fs.pipe_file(path, data)
 
@@ -56,10 +61,7 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     (a hard link of a finished file) and S3 (a conditional PUT); elsewhere best effort."""
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
+        tmp = _local_temp(path, data)
         try:
             os.link(tmp, path)
         except FileExistsError:

@@ -92,7 +92,6 @@ def continental(request: RegionRequest, deployment: str = "embed-tiles/block",
     manifest. Rerun it to finish: done blocks are skipped."""
     logger = get_run_logger()
     started = time.perf_counter()
-    storage.check_writable(request.output_uri)
     with lease.hold(request.output_uri, "continental flow"):
         plan = pipeline.plan_run(request)
         blocks = _blocks(plan)

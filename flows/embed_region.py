@@ -65,7 +65,6 @@ def embed_region(request: RegionRequest) -> dict:
     itself: the Prefect UI renders its form, and bad fields fail before any work."""
     logger = get_run_logger()
     started = time.perf_counter()
-    storage.check_writable(request.output_uri)
     with lease.hold(request.output_uri, "embed-region flow"):  # one writer per output
         plan = plan_run(request)
         batches = pipeline.tile_batches(plan)

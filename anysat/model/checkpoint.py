@@ -83,11 +83,16 @@ def config_sha256(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
+def checkpoint_uri(name_or_uri: str) -> str:
+    """The folder of a shipped checkpoint (by name) or of a checkpoint path/URI."""
+    return storage.normalize_uri(str(shipped_checkpoints().get(name_or_uri, name_or_uri)))
+
+
 def read_checkpoint(name_or_uri: str) -> tuple[dict, bytes]:
     """config.json (checked: JSON, keys, config sha256) and the weights' bytes of a checkpoint,
     or a CheckpointError saying what is wrong."""
     shipped = shipped_checkpoints()
-    uri = storage.normalize_uri(str(shipped.get(name_or_uri, name_or_uri)))
+    uri = checkpoint_uri(name_or_uri)
     if Path(uri).is_file():
         raise CheckpointError(f"model {name_or_uri} is a file; a checkpoint is a folder with "
                               f"{CONFIG} and {WEIGHTS} (or give a shipped checkpoint: "

@@ -27,7 +27,7 @@ from odc.geo.geobox import GeoBox
 
 from .. import storage
 from ..model import AnySat
-from ..model.checkpoint import CONFIG, WEIGHTS, shipped_checkpoints
+from ..model.checkpoint import CONFIG, WEIGHTS, checkpoint_uri
 from ..model.config import SIZES
 from ..redact import without_secrets
 from ..resources import catalogs_dir
@@ -189,7 +189,7 @@ def _checkpoint(name_or_uri: str) -> tuple[str, str] | None:
     """(weights URI, their file sha256) of a checkpoint; None for a size name (random init)."""
     if name_or_uri in SIZES:
         return None
-    uri = storage.normalize_uri(str(shipped_checkpoints().get(name_or_uri, name_or_uri)))
+    uri = checkpoint_uri(name_or_uri)
     meta = json.loads(storage.read_bytes(storage.join(uri, CONFIG)))
     return storage.join(uri, WEIGHTS), meta["sha256"]
 
@@ -259,13 +259,7 @@ def validate(uri: str) -> int:
     folder = catalogs_dir() / "stac-schemas"
     for schema_uri, name in SCHEMAS.items():
         validator.schema_cache[schema_uri] = json.loads((folder / name).read_text())
-    collection = json.loads(storage.read_bytes(uri))
-    documents = [(uri, collection)]
-    base = uri.rsplit("/", 1)[0]
-    for link in collection["links"]:
-        if link["rel"] in ("item", "emb:model"):
-            linked = storage.join(base, link["href"].removeprefix("./"))
-            documents.append((linked, json.loads(storage.read_bytes(linked))))
+    documents = [(uri, json.loads(storage.read_bytes(uri))), *_linked(uri, ("item", "emb:model"))]
     for href, document in documents:
         validate_dict(document, validator=validator, href=href)
     return len(documents)
@@ -275,11 +269,18 @@ def load_items(uri: str) -> list[Any]:
     """The block Items of a run's STAC Collection as pystac Items (for `odc.stac.load`)."""
     import pystac
 
-    collection = json.loads(storage.read_bytes(uri))
+    return [pystac.Item.from_dict(document) for _, document in _linked(uri, ("item",))]
+
+
+def _linked(uri: str, rels: tuple[str, ...]) -> list[tuple[str, dict]]:
+    """(URI, document) of every link of the Collection at `uri` with one of `rels`."""
     base = uri.rsplit("/", 1)[0]
-    return [pystac.Item.from_dict(json.loads(storage.read_bytes(
-        storage.join(base, link["href"].removeprefix("./")))))
-        for link in collection["links"] if link["rel"] == "item"]
+    found = []
+    for link in json.loads(storage.read_bytes(uri))["links"]:
+        if link["rel"] in rels:
+            linked = storage.join(base, link["href"].removeprefix("./"))
+            found.append((linked, json.loads(storage.read_bytes(linked))))
+    return found
 
 
 __all__ = ["collection_uri", "load_items", "validate", "write_stac"]
