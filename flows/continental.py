@@ -4,9 +4,10 @@ The parent plans the region once (every UTM zone, every block of 16 x 16 tiles) 
 output's lease; each block becomes a run of an `embed-tiles` deployment (a pod of its own on
 a cluster), at most `max_concurrent_blocks` at a time. A block's record
 (`<output>/blocks/<zone>_<block>.json`) names its run and is marked done when the run
-completes, so a rerun after the parent died runs only unfinished blocks, and waits for a
-block whose run is still going instead of starting it again. Tiles keep their own done
-markers: a block run that died midway redoes only its unfinished tiles.
+completes, so a rerun after the parent died runs only unfinished blocks. Block runs are
+created with an idempotency key, so a rerun gets back (and waits for) a run the dead parent
+had already started, even one it had not recorded yet. Tiles keep their own done markers: a
+block run that died midway redoes only its unfinished tiles.
 """
 
 from __future__ import annotations
@@ -117,8 +118,11 @@ def continental(request: RegionRequest, deployment: str = "embed-tiles/block",
 
 def _run_blocks(plan: RunPlan, blocks: dict[str, list[str]], todo: list[str], deployment: str,
                 limit: int, logger) -> list[str]:
-    """Start block runs (or adopt a recorded one still going), at most `limit` at once, until
-    all ended; returns the failed blocks with their run's state."""
+    """Run the blocks, at most `limit` at once, until all ended; returns the failed blocks
+    with their run's state. A block's run is created with an idempotency key (plan, block,
+    attempt): a parent that died after creating it, before recording it, gets the same run
+    back on rerun (still going or ended) instead of starting the block twice. A failed
+    block's next attempt gets a new key."""
     failures, in_flight = [], {}
     pending = list(todo)
     with get_client(sync_client=True) as client:
@@ -126,29 +130,26 @@ def _run_blocks(plan: RunPlan, blocks: dict[str, list[str]], todo: list[str], de
             while pending and len(in_flight) < limit:
                 block = pending.pop(0)
                 record = _read_record(plan, block)
-                if record.get("flow_run_id"):
-                    state = client.read_flow_run(record["flow_run_id"]).state
-                    if state is not None and not state.is_final():
-                        logger.info("block %s: its run %s is still %s, waiting for it", block,
-                                    record["flow_run_id"], state.name)
-                        in_flight[block] = record["flow_run_id"]
-                        continue
+                attempt = record.get("attempt", 0) + (record.get("status") == "failed")
                 run = run_deployment(deployment, timeout=0, parameters={
                     "request": plan.request.model_dump(mode="json"), "plan_hash": plan.hash,
-                    "tile_ids": blocks[block]}, tags=[f"block:{block}"])
-                _write_record(plan, block, {"flow_run_id": str(run.id), "status": "running"})
+                    "tile_ids": blocks[block]}, tags=[f"block:{block}"],
+                    idempotency_key=f"{plan.hash}:{block}:{attempt}")
+                _write_record(plan, block, {"flow_run_id": str(run.id), "attempt": attempt,
+                                            "status": "running"})
                 logger.info("block %s (%d tiles): run %s", block, len(blocks[block]), run.name)
-                in_flight[block] = str(run.id)
+                in_flight[block] = (str(run.id), attempt)
             time.sleep(POLL_S)
-            for block, run_id in list(in_flight.items()):
+            for block, (run_id, attempt) in list(in_flight.items()):
                 state = client.read_flow_run(run_id).state
                 if state is None or not state.is_final():
                     continue
                 del in_flight[block]
-                if state.is_completed():
-                    _write_record(plan, block, {"flow_run_id": run_id, "status": "done"})
+                status = "done" if state.is_completed() else "failed"
+                _write_record(plan, block, {"flow_run_id": run_id, "attempt": attempt,
+                                            "status": status})
+                if status == "done":
                     logger.info("block %s done", block)
                 else:
-                    _write_record(plan, block, {"flow_run_id": run_id, "status": "failed"})
                     failures.append(f"block {block}: {state.name}: {state.message}")
     return failures
