@@ -38,7 +38,7 @@ from .. import storage
 from ..batch import pad_stack
 from ..model.config import ModalityConfig
 from ..sizes import common_step_m, is_multiple
-from .chips import ChipStoreError, read_chip, read_index
+from .chips import ChipStoreError, list_chips, read_chip, read_index
 from .masks import MultiBlockMasks, context_validity
 
 log = logging.getLogger("anysat")
@@ -77,7 +77,7 @@ def read_chip_indexes(stores: list[str]) -> pd.DataFrame:
         index = read_index(store)
         if not len(index):
             hint = ("it has chips but no index.parquet: rerun `anysat ingest` or "
-                    "anysat.train.chips.rebuild_index" if storage.exists(storage.join(store, "zarr.json"))
+                    "anysat.train.chips.rebuild_index" if list_chips(store)
                     else "run `anysat ingest` to fill it")
             raise ChipStoreError(f"chip store {store} has no complete chips ({hint})")
         tables.append(index.assign(store=store))

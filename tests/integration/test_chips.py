@@ -1,17 +1,20 @@
-"""Training chips: all sensors of a footprint with dates and masks, in sharded Zarr, on S3."""
+"""Training chips: all sensors of a footprint with dates and masks, one object per chip, on S3."""
 
 import datetime as dt
+import logging
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
-from anysat.modalities import available_specs
+from anysat import storage
 from anysat.cube.batch import load_tile_batch
+from anysat.modalities import available_specs
 from anysat.stac import resolve_provider
 from anysat.tiles import Tile
-from anysat.train.chips import list_chips, read_chip, write_chip
+from anysat.train.chips import (CHIP_SUFFIX, ChipStoreError, chip_uri, list_chips, read_chip,
+                                read_index, rebuild_index, write_chip)
 from anysat.train.ingest import write_chips
 from anysat.train.pretrain import ChipSampler
 from tests.conftest import CENTRAL_TILE
@@ -21,19 +24,51 @@ SPECS = [available_specs()[n] for n in ("sentinel-2-l2a", "sentinel-1", "coperni
 START, END = dt.date(2020, 11, 1), dt.date(2021, 10, 31)
 
 
-def test_chips_on_s3_round_trip_and_feed_the_sampler(s3_endpoint):
+@pytest.fixture(scope="module")
+def demo_batch():
+    batch, _ = load_tile_batch(resolve_provider("demo"), SPECS, Tile(*CENTRAL_TILE), START, END)
+    return batch
+
+
+class _Requests(logging.Handler):
+    """The S3 requests the loopback server answers (its werkzeug access log), by method."""
+
+    def __init__(self):
+        super().__init__()
+        self.methods: list[str] = []
+
+    def emit(self, record):
+        self.methods.append(record.getMessage().split('"')[1].split()[0].strip("\x1b[0-9;m"))
+
+    def __enter__(self):
+        log = logging.getLogger("werkzeug")
+        self.saved_level = log.level
+        log.setLevel(logging.INFO)
+        log.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        log = logging.getLogger("werkzeug")
+        log.removeHandler(self)
+        log.setLevel(self.saved_level)
+
+
+def test_chips_on_s3_round_trip_in_one_request_and_feed_the_sampler(s3_endpoint, demo_batch):
     store = "s3://anysat/chips/demo.zarr"
     tile = Tile(*CENTRAL_TILE)
     assert write_chips(resolve_provider("demo"), SPECS, [tile], START, END, store) == [tile.id]
     assert list_chips(store) == [tile.id]
-    chip = read_chip(store, tile.id)
-    batch, _ = load_tile_batch(resolve_provider("demo"), SPECS, tile, START, END)
-    assert set(chip) == set(batch)
-    for key, tensor in batch.items():
+    fs, path = storage.filesystem(store)
+    assert fs.exists(f"{path}/{tile.id}{CHIP_SUFFIX}")   # the whole chip is one object
+    with _Requests() as requests:
+        chip = read_chip(store, tile.id)
+    assert requests.methods.count("GET") == 1, requests.methods
+    assert set(chip) == set(demo_batch)
+    for key, tensor in demo_batch.items():
+        assert chip[key].dtype == tensor.dtype
         np.testing.assert_array_equal(chip[key].numpy(), tensor.numpy())
     assert chip["sentinel-2-l2a_mask"].dtype == torch.bool and not chip["sentinel-2-l2a_mask"][0, 1].any()
-    pixels = zarr.open_group(f"{store}/{tile.id}/sentinel-2-l2a", mode="r")["pixels"]
-    assert pixels.shards == (12, 9, 60, 60) and pixels.chunks == (1, 9, 60, 60)
+    assert read_index(store).id.tolist() == [tile.id]
     # A rerun keeps complete chips.
     assert write_chips(resolve_provider("demo"), SPECS, [tile], START, END, store) == []
     sampler = ChipSampler(chip, {s.name: s.gsd_m for s in SPECS}, chip_m=300.0, step_m=30.0)
@@ -42,13 +77,49 @@ def test_chips_on_s3_round_trip_and_feed_the_sampler(s3_endpoint):
     assert sample["sentinel-2-l2a_mask"].shape == (2, 12, 30, 30)
 
 
-def test_an_interrupted_chip_is_not_listed_and_is_rewritten(tmp_path):
+def test_a_chip_being_written_is_not_listed_and_a_damaged_one_is_rewritten(tmp_path, demo_batch):
     store, tile = str(tmp_path / "chips.zarr"), Tile(*CENTRAL_TILE)
-    batch, _ = load_tile_batch(resolve_provider("demo"), SPECS, tile, START, END)
-    write_chip(store, tile, batch, SPECS)
-    zarr.open_group(f"{store}/{tile.id}", mode="r+").attrs["complete"] = False  # died midway
+    write_chip(store, tile, demo_batch, SPECS)
+    whole = (tmp_path / "chips.zarr" / f"{tile.id}{CHIP_SUFFIX}").read_bytes()
+    # A writer killed midway leaves only its temporary file: no chip.
+    (tmp_path / "chips.zarr" / f"{tile.id}{CHIP_SUFFIX}").rename(
+        tmp_path / "chips.zarr" / f"{tile.id}{CHIP_SUFFIX}.tmp-0123")
     assert list_chips(store) == []
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    with pytest.raises(FileNotFoundError, match=f"no chip {tile.id}"):
+        read_chip(store, tile.id)
+    # A damaged object (cut short by a copy tool) is named, and the next ingest rewrites it.
+    with open(chip_uri(store, tile.id), "wb") as f:
+        f.write(whole[: len(whole) // 2])
+    with pytest.raises(ChipStoreError, match=f"chip {tile.id} in .* is damaged"):
         read_chip(store, tile.id)
     assert write_chips(resolve_provider("demo"), SPECS, [tile], START, END, store) == [tile.id]
     assert list_chips(store) == [tile.id]
+    assert torch.equal(read_chip(store, tile.id)["sentinel-1_mask"], demo_batch["sentinel-1_mask"])
+
+
+def _write_zarr_chip(store: str, tile: Tile, batch: dict, complete: bool) -> None:
+    """A chip in the layout stores had before one object per chip (a Zarr group)."""
+    group = zarr.open_group(store, mode="a", zarr_format=3).create_group(tile.id)
+    names = [s.name for s in SPECS]
+    group.attrs.update({"tile": tile.id, "epsg": tile.epsg, "bounds": list(tile.bounds),
+                        "size_m": tile.size_m, "sensors": names, "complete": complete})
+    for name in names:
+        sensor = group.create_group(name)
+        sensor.create_array("pixels", data=batch[name][0].numpy())
+        sensor.create_array("mask", data=batch[f"{name}_mask"][0].numpy())
+        sensor.create_array("dates", data=batch[f"{name}_dates"][0].numpy().astype("int32"))
+
+
+def test_stores_of_the_earlier_zarr_layout_are_still_read_and_indexed(tmp_path, demo_batch):
+    store = str(tmp_path / "old.zarr")
+    done, dying = Tile(*CENTRAL_TILE), Tile(CENTRAL_TILE[0], CENTRAL_TILE[1] + 1, CENTRAL_TILE[2], 600.0)
+    _write_zarr_chip(store, done, demo_batch, complete=True)
+    _write_zarr_chip(store, dying, demo_batch, complete=False)
+    assert list_chips(store) == [done.id]
+    chip = read_chip(store, done.id)
+    for key, tensor in demo_batch.items():
+        np.testing.assert_array_equal(chip[key].numpy(), tensor.numpy())
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        read_chip(store, dying.id)
+    index = rebuild_index(store)
+    assert index.id.tolist() == [done.id] and list(index.sensors[0]) == [s.name for s in SPECS]
