@@ -13,8 +13,9 @@ import datetime as dt
 import json
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -196,29 +197,55 @@ def tile_batches(plan: RunPlan) -> list[list[str]]:
     return [ids[i:i + n] for i in range(0, len(ids), n)]
 
 
-def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
+@dataclass
+class TileTally:
+    """What the manifest needs of the tiles' results, summed per zone (EPSG code): a
+    continental run adds its blocks' results one by one and never holds a record per tile
+    (1.6 M of them for Europe at 2,560 m)."""
+
+    done: Counter = field(default_factory=Counter)         # tiles embedded
+    with_data: Counter = field(default_factory=Counter)    # of which with a valid patch
+    patches: Counter = field(default_factory=Counter)      # valid patches
+    failed: list[dict] = field(default_factory=list)
+
+    def add(self, results: list[dict]) -> TileTally:
+        for r in results:
+            if "failed" in r:
+                self.failed.append(r)
+                continue
+            epsg = int(r["tile"].split("_", 1)[0])   # tile ids begin with their zone
+            self.done[epsg] += 1
+            self.with_data[epsg] += bool(r["valid_patches"])
+            self.patches[epsg] += int(r["valid_patches"])
+        return self
+
+
+def finish_run(plan: RunPlan, results: list[dict] | TileTally, seconds: float) -> dict:
     """Write each zone's preview and products, their STAC, then the manifest: its presence
     means the run is complete."""
-    failed = [r for r in results if "failed" in r]
-    if failed:
-        others = len(plan.tile_ids) - len(failed)
+    tally = results if isinstance(results, TileTally) else TileTally().add(results)
+    total = len(plan.tiles)
+    if tally.failed:
+        others = total - len(tally.failed)
         raise TilesFailedError(
-            f"{len(failed)} of {len(plan.tile_ids)} tiles failed"
-            f"{f', the other {others} are done' if others else ''}: {_grouped(failed)}. "
+            f"{len(tally.failed)} of {total} tiles failed"
+            f"{f', the other {others} are done' if others else ''}: {_grouped(tally.failed)}. "
             "Rerun the same command to retry only the failed tiles.")
-    done = {r["tile"] for r in results}
-    missing = [t for t in plan.tile_ids if t not in done]
-    if missing:
-        raise TilesFailedError(f"{len(missing)} tiles not done ({missing[:3]}...); rerun to resume")
-    without_data = sum(not r["valid_patches"] for r in results)
-    if without_data == len(results):
+    short = {z.epsg: z.tiles - tally.done[z.epsg] for z in plan.zones if tally.done[z.epsg] < z.tiles}
+    if short:
+        raise TilesFailedError(
+            f"{sum(short.values())} tiles not done ("
+            + ", ".join(f"EPSG:{epsg}: {n}" for epsg, n in short.items()) + "); rerun to resume")
+    done = sum(tally.done.values())
+    without_data = done - sum(tally.with_data.values())
+    if without_data == done:
         raise NoItemsError(
-            f"none of the {len(results)} tiles had a valid pixel (nodata or clouds everywhere, "
+            f"none of the {done} tiles had a valid pixel (nodata or clouds everywhere, "
             "or items that do not cover the region): the layer would be empty, so no run.json "
             "was written; check the catalog, dates and --max-cloud")
     if without_data:
         log.warning("%d of %d tiles had no valid pixel (recorded as no-data in their markers "
-                    "and in run.json)", without_data, len(results))
+                    "and in run.json)", without_data, done)
     layers = []
     for zone in plan.zones:
         started = time.perf_counter()
@@ -227,13 +254,12 @@ def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
         width, height = maps.write_png(maps.render(layer, maps.pca_colour(maps.sample_pixels(layer)),
                                                    PREVIEW_MAX_SIDE), plan.preview_uri(zone.epsg))
         preview_s = time.perf_counter() - started
-        in_zone = [r for r in results if r["tile"].startswith(f"{zone.epsg}_")]
         layers.append({"epsg": zone.epsg, "layer": plan.layer_uri(zone.epsg),
                        "preview": plan.preview_uri(zone.epsg), "tiles": zone.tiles,
                        "area_km2": round(zone.area_km2, 4),
-                       "patches_with_data": sum(r["valid_patches"] for r in in_zone),
+                       "patches_with_data": tally.patches[zone.epsg],
                        **write_products(plan, zone.epsg, preview_s,
-                                        any(r["valid_patches"] for r in in_zone))})
+                                        tally.with_data[zone.epsg] > 0)})
         log.info("EPSG:%d: layer %s, preview %s (%dx%d px)", zone.epsg, plan.layer_uri(zone.epsg),
                  plan.preview_uri(zone.epsg), width, height)
     finished = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -245,7 +271,7 @@ def finish_run(plan: RunPlan, results: list[dict], seconds: float) -> dict:
         "plan": plan.plan_uri, "plan_hash": plan.hash, "model_sha256": plan.fingerprint["model_sha256"],
         "layers": layers, "stac": stac, "stac_seconds": stac_s, "manifest": plan.manifest_uri,
         "tiles": len(plan.tiles), "area_km2": round(plan.area_km2, 4),
-        "patches_with_data": sum(r["valid_patches"] for r in results),
+        "patches_with_data": sum(tally.patches.values()),
         "tiles_without_data": without_data,
         "embedding_dim": plan.zones[0].grid.dim, "seconds": round(seconds, 2),
         "finished": finished,

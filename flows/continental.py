@@ -112,8 +112,10 @@ def continental(request: RegionRequest, deployment: str = "embed-tiles/block",
             raise TilesFailedError(
                 f"{len(failures)} of {len(blocks)} blocks failed ({'; '.join(failures[:5])}); "
                 "rerun the flow to retry only those blocks")
-        results = [r for ids in blocks.values() for r in _block_results(plan, ids)]
-        return pipeline.finish_run(plan, results, time.perf_counter() - started)
+        tally = pipeline.TileTally()
+        for ids in blocks.values():   # block by block: never a record per tile in memory
+            tally.add(_block_results(plan, ids))
+        return pipeline.finish_run(plan, tally, time.perf_counter() - started)
 
 
 def _run_blocks(plan: RunPlan, blocks: dict[str, list[str]], todo: list[str], deployment: str,
