@@ -9,7 +9,8 @@ Layout under the store URI (any fsspec URI: a path, s3://, gs://...):
                                 `{sensor}/mask` bool [T, H, W] (True where valid) and
                                 `{sensor}/dates` int32 [T] (days since 1970-01-01); its
                                 metadata `anysat_chip` (JSON): tile, epsg, bounds, size_m,
-                                sensors, start, end, catalog
+                                sensors, start, end, catalog, and per sensor its bands
+                                and GSD
 
 One object, because a trainer reads chips from object storage at random: a Zarr group of
 three arrays per sensor cost 44 requests a chip (181 ms from the loopback S3 server), this
