@@ -2,6 +2,7 @@
 
 import datetime as dt
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ from anysat.cube.batch import load_tile_batch
 from anysat.modalities import available_specs
 from anysat.stac import resolve_provider
 from anysat.tiles import Tile
-from anysat.train.chips import (CHIP_SUFFIX, ChipStoreError, chip_uri, list_chips, read_chip,
-                                read_index, rebuild_index, write_chip)
+from anysat.train.chips import (CHIP_SUFFIX, ChipStoreError, chip_record, chip_uri, list_chips,
+                                read_chip, read_index, rebuild_index, write_chip)
 from anysat.train.ingest import write_chips
 from anysat.train.pretrain import ChipSampler
 from tests.conftest import CENTRAL_TILE
@@ -36,9 +37,15 @@ class _Requests(logging.Handler):
     def __init__(self):
         super().__init__()
         self.methods: list[str] = []
+        self.gets: list[str] = []     # the status of each GET: 200 whole, 206 a byte range
 
     def emit(self, record):
-        self.methods.append(record.getMessage().split('"')[1].split()[0].strip("\x1b[0-9;m"))
+        message = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())   # werkzeug's colours
+        _, request, status = message.split('"')[:3]
+        method = request.split()[0]
+        self.methods.append(method)
+        if method == "GET":
+            self.gets.append(status.split()[0])
 
     def __enter__(self):
         log = logging.getLogger("werkzeug")
@@ -69,6 +76,11 @@ def test_chips_on_s3_round_trip_in_one_request_and_feed_the_sampler(s3_endpoint,
         np.testing.assert_array_equal(chip[key].numpy(), tensor.numpy())
     assert chip["sentinel-2-l2a_mask"].dtype == torch.bool and not chip["sentinel-2-l2a_mask"][0, 1].any()
     assert read_index(store).id.tolist() == [tile.id]
+    # What an ingest rerun asks of each chip: its header alone, a ranged read (206).
+    with _Requests() as requests:
+        row = chip_record(store, tile.id)
+    assert requests.gets == ["206"], requests.gets
+    assert row == read_index(store).iloc[0].to_dict() | {"bounds": row["bounds"], "sensors": row["sensors"]}
     # A rerun keeps complete chips.
     assert write_chips(resolve_provider("demo"), SPECS, [tile], START, END, store) == []
     sampler = ChipSampler(chip, {s.name: s.gsd_m for s in SPECS}, chip_m=300.0, step_m=30.0)
