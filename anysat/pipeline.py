@@ -229,7 +229,8 @@ def finish_run(plan: RunPlan, results: list[dict] | TileTally, seconds: float) -
         others = total - len(tally.failed)
         raise TilesFailedError(
             f"{len(tally.failed)} of {total} tiles failed"
-            f"{f', the other {others} are done' if others else ''}: {_grouped(tally.failed)}. "
+            f"{f', the other {others} are done' if others else ''}: "
+            f"{grouped_failures(tally.failed)}. "
             "Rerun the same command to retry only the failed tiles.")
     short = {z.epsg: z.tiles - tally.done[z.epsg] for z in plan.zones if tally.done[z.epsg] < z.tiles}
     if short:
@@ -281,7 +282,7 @@ def finish_run(plan: RunPlan, results: list[dict] | TileTally, seconds: float) -
     return manifest
 
 
-def _grouped(failed: list[dict], shown: int = 10) -> str:
+def grouped_failures(failed: list[dict], shown: int = 10) -> str:
     """Failures by reason (one missing scene fails every tile it covers): each reason once,
     with the tiles it hit."""
     by_reason: dict[str, list[str]] = {}

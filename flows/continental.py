@@ -42,10 +42,10 @@ def embed_tiles(request: RegionRequest, plan_hash: str, tile_ids: list[str]) -> 
     for start in range(0, len(tile_ids), step):
         results += pipeline.embed_tiles(plan, tile_ids[start:start + step])
         logger.info("progress: %d/%d tiles of the block", len(results), len(tile_ids))
-    failed = [r["failed"] for r in results if "failed" in r]
-    if failed:
+    failed = [r for r in results if "failed" in r]
+    if failed:  # grouped by reason, as a whole run reports them
         raise TilesFailedError(f"{len(failed)} of {len(tile_ids)} tiles failed: "
-                               f"{'; '.join(failed[:5])}")
+                               f"{pipeline.grouped_failures(failed)}")
     # what the parent's manifest needs, one object per block, not one read per tile
     summary = [{"tile": r["tile"], "valid_patches": r["valid_patches"]} for r in results]
     storage.write_bytes_atomic(_summary_uri(plan, tile_ids), json.dumps(summary).encode())
