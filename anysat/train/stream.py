@@ -7,6 +7,9 @@
   ids gives them out at random within the epoch. Batch g of a rank is drawn from the buffer
   with its own generator (seed, rank, g), and DataLoader worker w of W builds the batches
   g = w, w + W, ...: workers read disjoint chips, and batch g is the same whatever W is.
+  The shape of batch g (crop size, patch size, sensor subset) is drawn from a generator
+  (seed, g) that every rank shares: DDP ranks wait for the slowest at each step, and with
+  shapes drawn per rank a step cost the largest of the ranks' draws.
 - **Resume.** Batch contents are a function of (seed, rank, g) and the chip ids: starting at
   batch g replays the id buffer (no pixels read) up to g.
 - **Per batch**, as AnySat pretraining: one crop size (among `crop_sizes_m` that fit every
@@ -60,6 +63,12 @@ class StreamConfig:
 
 def _generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
+def _pick(options: list[float], generator: torch.Generator) -> float:
+    """One of the options, from one uniform draw: ranks sharing the generator and the options
+    pick the same one; a rank with other options (other chips) still picks a valid one."""
+    return options[min(len(options) - 1, int(float(torch.rand(1, generator=generator)) * len(options)))]
 
 
 def chip_table(stores: list[str], modalities: dict[str, ModalityConfig]) -> pd.DataFrame:
@@ -181,7 +190,7 @@ class ChipStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for g, rows, generator in self.plans():
             if g >= self.start and (g - self.start) % workers == worker:
-                yield self.make_batch(g, rows, generator)
+                yield self.make_batch(g, rows, generator, _generator(self.config.seed, 5, g))
 
     # -- one batch -------------------------------------------------------------------------------
     def _crop_sizes(self, side_m: float, sensors: list[str]) -> list[float]:
@@ -193,8 +202,12 @@ class ChipStream(IterableDataset):
         return [p for p in self.config.patch_sizes_m if crop_m / p >= 2 and is_multiple(crop_m, p)
                 and any(is_multiple(p, self.modalities[n].subpatch_m) for n in sensors)]
 
-    def make_batch(self, g: int, rows: list[int], generator: torch.Generator) -> dict:
+    def make_batch(self, g: int, rows: list[int], generator: torch.Generator,
+                   shapes: torch.Generator | None = None) -> dict:
+        """Batch g of these chip rows: crops, masks and drops from `generator`; crop size,
+        patch size and sensor subset from `shapes` (default: `generator`)."""
         cfg = self.config
+        shapes = shapes or generator
         ids = [self.table.id[r] for r in rows]
         # Object stores answer each request after a round trip: read the batch's chips at once.
         with ThreadPoolExecutor(max_workers=min(len(rows), READ_THREADS)) as pool:
@@ -202,11 +215,11 @@ class ChipStream(IterableDataset):
         names = [n for n in self.modalities if any(n in chip for _, chip in chips)]
         side = min(float(self.table.size_m[r]) for r in rows)
         crops = self._crop_sizes(side, names)
-        crop = crops[int(torch.randint(len(crops), (1,), generator=generator))]
+        crop = _pick(crops, shapes)
         patches = self._patch_sizes(crop, names)
-        patch = patches[int(torch.randint(len(patches), (1,), generator=generator))]
+        patch = _pick(patches, shapes)
         names = [n for n in names if is_multiple(patch, self.modalities[n].subpatch_m)]
-        names = self._sensor_subset(names, chips, generator)
+        names = self._sensor_subset(names, chips, shapes)
         step = common_step_m([self.modalities[n].gsd_m for n in names])
         batch: dict[str, list[torch.Tensor]] = {}
         for r, (_, chip) in zip(rows, chips):
@@ -223,8 +236,10 @@ class ChipStream(IterableDataset):
                 "context_valid": context_valid, "chips": [c for c, _ in chips], "index": g}
 
     def _sensor_subset(self, names: list[str], chips: list, generator: torch.Generator) -> list[str]:
-        """Each sensor dropped with chance sensor_drop; every sample keeps a sensor it has."""
-        keep = [n for n in names if float(torch.rand(1, generator=generator)) >= self.config.sensor_drop]
+        """Each sensor dropped with chance sensor_drop; every sample keeps a sensor it has.
+        One draw per sensor of the model, so ranks sharing the generator drop the same ones."""
+        draws = dict(zip(self.modalities, torch.rand(len(self.modalities), generator=generator).tolist()))
+        keep = [n for n in names if draws[n] >= self.config.sensor_drop]
         if keep and all(any(n in chip for n in keep) for _, chip in chips):
             return keep
         return names

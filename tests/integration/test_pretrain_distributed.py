@@ -3,6 +3,7 @@ pretrain` trains from them (torchrun with 2 gloo processes on CPU), checkpoints 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -222,3 +223,21 @@ def test_the_stream_gives_the_same_batches_whatever_the_loader_workers_and_resum
     first = plain[0]["batch"]
     name = next(k for k in first if not k.endswith(("_mask", "_dates")))
     assert first[name].shape[0] == 3 and first[f"{name}_mask"].shape[:2] == first[name].shape[:2]
+
+
+def test_ranks_draw_the_same_batch_shape_from_different_chips(chips):
+    """DDP waits for the slowest rank at every step: batch g has one crop size, patch size and
+    sensor subset on every rank (drawn per rank, a step cost the largest of the draws)."""
+    model = build_model("tiny", resolve_sensors(["s2", "s1", "dem"]), dim=32, depth=1)
+    table = chip_table([chips], model.modalities)
+    config = StreamConfig(batch_size=2, crop_sizes_m=(60.0, 120.0, 240.0), sensor_drop=0.5)
+
+    def shape(item: dict) -> tuple:
+        sensors = sorted(k for k in item["batch"] if not k.endswith(("_mask", "_dates")))
+        return item["patch_size_m"], item["batch"][sensors[0]].shape[-1], tuple(sensors)
+
+    ranks = [list(itertools.islice(ChipStream(table, model.modalities, config, rank=r, world=2), 12))
+             for r in (0, 1)]
+    assert [shape(a) for a in ranks[0]] == [shape(b) for b in ranks[1]]
+    assert len({shape(a) for a in ranks[0]}) > 2                      # the shapes still vary
+    assert all(set(a["chips"]).isdisjoint(b["chips"]) for a, b in zip(*ranks))
