@@ -1,0 +1,72 @@
+#!/bin/bash
+# Every GPU check the open work needs, as one script for one call of the device tool (a lent
+# GPU machine: torch there, the rest from .whl/site.tar.xz, made here by gpu_wheels.sh):
+#   1. embed-region throughput, base, bf16, 16 and 64 tiles at 16 and 64 tiles per forward:
+#      km2/s end to end and forward only (benchmarks/embed_region.py);
+#   2. pretraining throughput, tiny and base, bf16, batch 64 and 256: samples/s, GPU busy,
+#      loader wait (benchmarks/train_throughput.py, chips ingested there in the current format);
+#   3. a short base pretraining on the shipped checkpoint's data and its crop-type probe.
+# Each step has its own time limit, and writes what it measured under $OUT as it goes, so a
+# step cut short still leaves the others' lines (8 files: the most a call brings back).
+# About 9 minutes on an H100.
+#
+#   here:  bash benchmarks/gpu_wheels.sh
+#   there: bash benchmarks/gpu_session.sh            (run: carry [".whl"], timeout_s 600)
+#   dry run here on the CPU, small sizes:  DEVICE=cpu PY=.venv/bin/python OUT=/tmp/out bash benchmarks/gpu_session.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT to the folder for the results}
+DEVICE=${DEVICE:-cuda}
+QUICK=${QUICK:-}
+export PYTHONUNBUFFERED=1
+if [ -z "${PY:-}" ]; then  # the device machine: its python3, and the packages carried
+    mkdir -p /tmp/site && tar xJf .whl/site.tar.xz -C /tmp/site || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+    PY=python3
+fi
+if [ "$DEVICE" = cpu ]; then
+    DTYPE=fp32; TRAIN="--models tiny --layouts 1x2 --batch-sizes 8 --workers 1 --steps 20"
+    EMBED="--tiles 4 --batch-sizes 4"; BASE="--model tiny --steps 20 --batch-size 8 --workers 1"
+else
+    DTYPE=bf16; TRAIN="--models tiny,base --layouts 1x4 --batch-sizes 64 256 --workers 12 --steps 30"
+    EMBED="--tiles 16 64 --batch-sizes 16 64"; BASE="--model base --steps 300 --batch-size 64 --workers 12"
+fi
+[ -n "$QUICK" ] && [ "$DEVICE" != cpu ] && TRAIN="--models base --layouts 1x4 --batch-sizes 64 --workers 12 --steps 20"
+step() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.txt"; }
+
+step "machine"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; nproc
+  $PY -c "import torch, anysat.pipeline, anysat.train.trainer, rasterio, odc.stac
+print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee -a "$OUT/steps.txt" || exit 1
+
+step "embed-region throughput ($EMBED)"
+# shellcheck disable=SC2086
+timeout 150 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE --model base $EMBED \
+    2>&1 | tee "$OUT/embed_region.jsonl"
+
+step "ingest the bench chips (demo catalog, 120 m)"
+CHIPS=/tmp/bench-chips
+rm -rf $CHIPS
+timeout 45 $PY -m anysat.cli ingest --demo --chip-size-m 120 --store $CHIPS --tiles-per-batch 16 \
+    > "$OUT/ingest.log" 2>&1 || tail -5 "$OUT/ingest.log"
+
+step "pretraining throughput ($TRAIN)"
+# shellcheck disable=SC2086
+timeout 180 $PY benchmarks/train_throughput.py --chips $CHIPS --device "$DEVICE" --dtype $DTYPE \
+    --stores local --log-every 10 $TRAIN 2>&1 | tee "$OUT/train_throughput.jsonl"
+
+[ -n "$QUICK" ] && [ "$DEVICE" != cpu ] && { step "done (quick)"; exit 0; }
+step "short pretraining ($BASE) and its crop-type probe"
+rm -rf /tmp/pd /tmp/base-run
+timeout 45 $PY -m anysat.cli ingest --demo --chip-size-m 240 --store /tmp/pd/demo > /dev/null 2>&1
+timeout 45 $PY -m anysat.cli ingest --catalog catalogs/pretrain/bigearthnet/catalog.json \
+    --geojson catalogs/pretrain/bigearthnet/footprints.geojson --start 2017-06-01 --end 2018-02-28 \
+    --sensors s2,s1 --chip-size-m 240 --store /tmp/pd/bigearthnet > /dev/null 2>&1
+# shellcheck disable=SC2086
+timeout 110 $PY -m anysat.cli pretrain --chips /tmp/pd/demo,/tmp/pd/bigearthnet --out /tmp/base-run \
+    --sensors s2,s1,dem --lr 1e-4 --sensor-drop 0 --threads 4 --device "$DEVICE" --dtype $DTYPE \
+    --log-every 50 --monitor-every 200 --checkpoint-every 200 --json-progress $BASE \
+    > "$OUT/pretrain.jsonl" 2> "$OUT/pretrain.log"
+tail -3 "$OUT/pretrain.log"
+timeout 90 $PY -m anysat.cli evaluate --checkpoint /tmp/base-run/model --output "$OUT/eval" 2>&1 | tail -14
+step "done"
