@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import fsspec
@@ -47,6 +49,18 @@ def deployed(prefect_api, s3_endpoint):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return env
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float = 120.0) -> None:
+    """SIGTERM to the process's group, then SIGKILL if it has not ended in grace_s (a worker
+    waits for the flow runs it still holds, such as the one the killed parent started; on a
+    loaded machine that can take minutes)."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def run_with_worker(env: dict, name: str, parameters: dict):
@@ -141,8 +155,6 @@ def test_continental_killed_midway_and_rerun_runs_every_block_once(deployed, tmp
     """Two zones (the demo square in 31N, a square east of 6 E in 32N): three blocks, each a
     run of `embed-tiles/block` on a process worker. The parent is SIGKILLed once the first
     block is done; the rerun runs only the others and writes the manifest."""
-    import signal
-    import time
 
     from shapely.geometry import box
 
@@ -159,8 +171,10 @@ def test_continental_killed_midway_and_rerun_runs_every_block_once(deployed, tmp
               "from anysat.request import RegionRequest\n"
               "continental(RegionRequest.build(**json.loads(sys.argv[1])), "
               "deployment='embed-tiles/block', max_concurrent_blocks=1)\n")
+    # its own process group: the flow runs it spawned go with it at the end
     worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "anysat-local", "--limit", "2"],
-                              env=deployed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env=deployed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     try:
         log = open(tmp_path / "parent.log", "w")  # a file, not a pipe nobody reads meanwhile
         parent = subprocess.Popen([sys.executable, "-c", script, json.dumps(request)], cwd=REPO,
@@ -186,8 +200,7 @@ def test_continental_killed_midway_and_rerun_runs_every_block_once(deployed, tmp
                                capture_output=True, text=True, timeout=900)
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     finally:
-        worker.terminate()
-        worker.wait(timeout=60)
+        stop_process_group(worker)
     manifest = json.loads((out / "run.json").read_text())
     assert [z["epsg"] for z in manifest["layers"]] == [32631, 32632]
     records = block_records(out)
