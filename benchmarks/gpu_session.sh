@@ -5,13 +5,14 @@
 #      km2/s end to end and forward only (benchmarks/embed_region.py);
 #   2. pretraining throughput, tiny and base, bf16, batch 64 and 256: samples/s, GPU busy,
 #      loader wait (benchmarks/train_throughput.py, chips ingested there in the current format);
-#   3. a short base pretraining on the shipped checkpoint's data and its crop-type probe.
+#   3. a short base pretraining on the shipped checkpoint's data and its probe table.
 # Each step has its own time limit, and writes what it measured under $OUT as it goes, so a
 # step cut short still leaves the others' lines (8 files: the most a call brings back).
 # About 9 minutes on an H100.
 #
 #   here:  bash benchmarks/gpu_wheels.sh
 #   there: bash benchmarks/gpu_session.sh            (run: carry [".whl"], timeout_s 600)
+#   QUICK=1: base only at batch 64, no pretraining (about 4 minutes), when device time is short
 #   dry run here on the CPU, small sizes:  DEVICE=cpu PY=.venv/bin/python OUT=/tmp/out bash benchmarks/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,7 +57,7 @@ timeout 180 $PY benchmarks/train_throughput.py --chips $CHIPS --device "$DEVICE"
     --stores local --log-every 10 $TRAIN 2>&1 | tee "$OUT/train_throughput.jsonl"
 
 [ -n "$QUICK" ] && [ "$DEVICE" != cpu ] && { step "done (quick)"; exit 0; }
-step "short pretraining ($BASE) and its crop-type probe"
+step "short pretraining ($BASE) and its probe table"
 rm -rf /tmp/pd /tmp/base-run
 timeout 45 $PY -m anysat.cli ingest --demo --chip-size-m 240 --store /tmp/pd/demo > /dev/null 2>&1
 timeout 45 $PY -m anysat.cli ingest --catalog catalogs/pretrain/bigearthnet/catalog.json \
