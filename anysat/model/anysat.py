@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import ModelInputError
 from ..sizes import is_multiple
 from .config import AnySatConfig, ModalityConfig
-from .layers import Block, FusionBlock, patch_centres_m, sincos_2d_m
+from .layers import Block, FusionBlock, branch_on_values, patch_centres_m, sincos_2d_m
 from .projectors import BlockProjector, TemporalProjector
 from .subpatch import SubPatchEncoder
 
@@ -90,8 +90,11 @@ class AnySat(nn.Module):
         return {m.name: m for m in self.config.modalities}
 
     # -- input checks -------------------------------------------------------------------------
-    def check_batch(self, batch: dict[str, torch.Tensor], patch_size_m: float) -> Layout:
-        """The sensors present and the footprint; one clear error for anything that does not fit."""
+    def check_batch(self, batch: dict[str, torch.Tensor], patch_size_m: float,
+                    values: bool = True) -> Layout:
+        """The sensors present and the footprint; one clear error for anything that does not fit.
+        `values=False` leaves out the checks of the values (finite dates, no NaN where the mask
+        says valid), which make the host wait for an accelerator: for batches already checked."""
         known = self.modalities
         present = [k for k in batch if not k.endswith(("_dates", "_mask"))]
         unknown = [k for k in present if k not in known]
@@ -110,7 +113,7 @@ class AnySat(nn.Module):
             dates = batch.get(f"{name}_dates")
             if dates is None or dates.shape != x.shape[:2]:
                 raise ModelInputError(f"{name}: needs '{name}_dates' of shape {tuple(x.shape[:2])}")
-            if not torch.isfinite(dates).all():
+            if values and not torch.isfinite(dates).all():
                 raise ModelInputError(f"{name}: '{name}_dates' holds NaN or infinite dates")
             mask = batch.get(f"{name}_mask")
             if mask is not None and mask.shape != (*x.shape[:2], *x.shape[3:]):
@@ -121,7 +124,7 @@ class AnySat(nn.Module):
                 raise ModelInputError(f"patch size {patch_size_m:g} m is not a multiple of "
                                       f"{name}'s {what} {spec.subpatch_m:g} m")
             sides[name] = (x.shape[3] * spec.gsd_m, x.shape[4] * spec.gsd_m)
-            if mask is not None and torch.isnan(x).any(dim=2).logical_and(mask.bool()).any():
+            if values and mask is not None and torch.isnan(x).any(dim=2).logical_and(mask.bool()).any():
                 raise ModelInputError(f"{name}: NaN values in pixels its mask marks valid")
         if len(set(sides.values())) != 1:
             raise ModelInputError(f"sensors cover different footprints (metres): {sides}")
@@ -199,7 +202,7 @@ class AnySat(nn.Module):
                        *(sensors[m].tokens for m in names)], dim=1)
         keep = torch.cat([first.new_ones(b, 1, dtype=torch.bool),
                           *(sensors[m].valid for m in names)], dim=1)
-        keep_mask = None if bool(keep.all()) else keep
+        keep_mask = None if branch_on_values(keep) and bool(keep.all()) else keep
         for block in self.blocks:
             x = block(x, keep_mask)
         tokens = x[:, 1:].view(b, len(names), n, d)
@@ -207,10 +210,11 @@ class AnySat(nn.Module):
         return self.norm(tile), self.norm(patches), tokens
 
     def forward_features(self, batch: dict[str, torch.Tensor], patch_size_m: float,
-                         patches: torch.Tensor | None = None, keep_subpatches: bool = False):
+                         patches: torch.Tensor | None = None, keep_subpatches: bool = False,
+                         check_values: bool = True):
         """(layout, sensor tokens, tile [B, D], patches [B, N, D], pre-fusion tokens);
         `patches` [B, N] selects the patches to encode (the JEPA context), default all."""
-        layout = self.check_batch(batch, patch_size_m)
+        layout = self.check_batch(batch, patch_size_m, values=check_values)
         b = batch[layout.sensors[0]].shape[0]
         device = batch[layout.sensors[0]].device
         position = self.positions(layout, patches, b, device)
@@ -224,8 +228,12 @@ class AnySat(nn.Module):
                                  momentum: float) -> None:
         """Running per-feature mean/std of tile [B, D] and patch [..., D] embeddings (plain
         averages over the first updates, then exponential with `momentum`)."""
-        n = int(self.statistics_updates)
-        momentum = min(momentum, n / (n + 1))
+        n = self.statistics_updates
+        if branch_on_values(n):
+            n = int(n)
+            momentum = min(momentum, n / (n + 1))
+        else:  # the same, on the device
+            momentum = (n / (n + 1)).clamp(max=momentum)
         self.statistics_updates += 1
         for kind, z in (("tile", tile), ("patch", patches)):
             flat = z.detach().float().reshape(-1, z.shape[-1])

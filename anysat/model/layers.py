@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+_SYNC_FREE = False
+
+
+def branch_on_values(t: torch.Tensor) -> bool:
+    """Whether a fast path may branch on t's values (`if mask.all()`, `nonzero`). On the CPU
+    that is free and skips work; on an accelerator each one makes the host wait for the
+    device, so the next kernels are not queued while it computes: there the code takes the
+    path that needs no value (masks always applied) instead. Same results either way."""
+    return t.device.type == "cpu" and not _SYNC_FREE
+
+
+@contextlib.contextmanager
+def sync_free() -> Iterator[None]:
+    """Take the accelerator's paths on the CPU too (tests, profiling)."""
+    global _SYNC_FREE
+    before, _SYNC_FREE = _SYNC_FREE, True
+    try:
+        yield
+    finally:
+        _SYNC_FREE = before
 
 
 def mlp(sizes: list[int], norm: bool = False, last_activation: bool = True) -> nn.Sequential:

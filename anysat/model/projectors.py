@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModalityConfig
-from .layers import mlp, sincos_1d
+from .layers import branch_on_values, mlp, sincos_1d
 
 DAYS_PER_YEAR = 365.2425
 DOY_PERIOD = 367.0  # the official encoder's day-of-year table length
@@ -80,8 +80,11 @@ class TemporalProjector(nn.Module):
         return tokens.view(b, p, d), any_valid.view(b, p)
 
     def _hidden_valid_only(self, z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """The MLP on valid pixel-dates only (clouds and nodata cost nothing); zeros elsewhere."""
+        """The MLP on valid pixel-dates only (clouds and nodata cost nothing); zeros elsewhere.
+        Where branching on values costs a host sync, on every pixel-date, then masked."""
         n, t, c = z.shape
+        if not branch_on_values(keep):
+            return self.hidden(z) * keep[..., None]
         if bool(keep.all()):
             return self.hidden(z)
         flat = keep.reshape(-1).nonzero().squeeze(1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import Block, sincos_2d_m
+from .layers import Block, branch_on_values, sincos_2d_m
 
 
 def subpatch_offsets_m(patch_size_m: float, subpatch_m: float, device=None
@@ -38,7 +38,7 @@ class SubPatchEncoder(nn.Module):
         x = tokens + sincos_2d_m(ox, oy, d, unit_m=1.0).to(tokens.dtype)
         x = torch.cat([self.cls.expand(b * n, 1, d).to(x.dtype), x.view(b * n, s, d)], dim=1)
         keep = None
-        if not bool(valid.all()):
+        if not branch_on_values(valid) or not bool(valid.all()):
             keep = torch.cat([valid.new_ones(b * n, 1), valid.view(b * n, s)], dim=1)
         for i, block in enumerate(self.blocks):
             last_only_cls = i == len(self.blocks) - 1 and not keep_subpatches

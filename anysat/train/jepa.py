@@ -26,7 +26,7 @@ from torch import nn
 from ..model import AnySat
 from ..model.anysat import POSITION_UNIT_M, Layout
 from ..model.config import SIZES
-from ..model.layers import Block, sincos_2d_m
+from ..model.layers import Block, branch_on_values, sincos_2d_m
 from .masks import MultiBlockMasks, context_validity
 from .monitors import embedding_std, rankme
 
@@ -126,14 +126,18 @@ class JEPA(nn.Module):
         [B, Nt] patch indices) and `context_valid` (the context's `{sensor}_mask`s, see
         `context_validity`) come from the data loader; drawn here when not given. `monitors`
         adds the batch's collapse monitors (an SVD: a GPU sync, so not every step)."""
-        layout = self.encoder.check_batch(batch, patch_size_m)
+        # checked once, values too where that costs no host sync (the loader's batches are
+        # clean: an accelerator need not wait for that check at every step)
+        layout = self.encoder.check_batch(batch, patch_size_m,
+                                          values=branch_on_values(next(iter(batch.values()))))
         b = batch[layout.sensors[0]].shape[0]
         device = batch[layout.sensors[0]].device
         if masks is None:
             masks = self.config.masks(b, layout.grid, generator)
         context_idx, target_idx = (m.to(device) for m in masks)
         with torch.no_grad():
-            _, _, full_tile, full, _ = self.target.forward_features(batch, patch_size_m)
+            _, _, full_tile, full, _ = self.target.forward_features(batch, patch_size_m,
+                                                                    check_values=False)
             if self.training:
                 self.target.update_output_statistics(full_tile, full, self.config.statistics_momentum)
             full = normalise_targets(full, self.config.target_norm)
@@ -142,7 +146,7 @@ class JEPA(nn.Module):
         seen = ({**batch, **context_valid} if context_valid is not None
                 else self.context_batch(batch, layout, generator))
         _, sensors, tile, context, per_sensor = self.encoder.forward_features(
-            seen, patch_size_m, patches=context_idx)
+            seen, patch_size_m, patches=context_idx, check_values=False)
         cx, cy = layout.centres_m(device)
         codes = sincos_2d_m(cx, cy, self.predictor.pred_dim, POSITION_UNIT_M)
         predicted = self.predictor(tile, context, codes[context_idx], codes[target_idx])

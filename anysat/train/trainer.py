@@ -243,7 +243,7 @@ def train(cfg: TrainConfig) -> dict:
             with sync:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     out = net(_to(item["batch"], device), item["patch_size_m"], None,
-                              tuple(m.to(device) for m in item["masks"]),
+                              tuple(m.to(device, non_blocking=True) for m in item["masks"]),
                               _to(item["context_valid"], device), logging_step)
                 (out["loss"] / cfg.accumulation).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

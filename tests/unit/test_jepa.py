@@ -4,15 +4,18 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from anysat.modalities import resolve_sensors
 from anysat.model import AnySat, AnySatConfig, load_model
+from anysat.model.layers import sync_free
 from anysat.cube.batch import load_tile_batch
 from anysat.stac import resolve_provider
 from anysat.tiles import Tile
 from anysat.train import (JEPA, JEPAConfig, MultiBlockMasks, effective_rank,
                           ema_momentum, rankme)
 from anysat.train.jepa import milnce, normalise_targets
+from anysat.train.masks import context_validity
 from anysat.train.chips import write_chip, write_index
 from anysat.train.pretrain import ChipSampler, learning_rate
 from anysat.train.state import load_latest
@@ -182,3 +185,53 @@ def test_decorrelation_tells_independent_from_collapsed_features():
     independent = torch.randn(512, 32)
     collapsed = torch.randn(512, 1) * torch.randn(1, 32) + 0.01 * torch.randn(512, 32)
     assert decorrelation(independent) < 0.01 < 0.9 < decorrelation(collapsed)
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Counts the ops that make the host wait for the device's result."""
+    SYNCS = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.masked_select")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += str(func).startswith(self.SYNCS)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_accelerator_path_makes_no_host_sync_and_gives_the_same_step(sampler):
+    """On a GPU each branch on tensor values (`if mask.all()`, `nonzero`, `int(buffer)`) stops
+    the host queueing kernels until the device catches up; a training step there takes the
+    paths that need none. Taken on the CPU (`sync_free`), two steps make no host sync and give
+    the same losses, gradients and target statistics (clouds and hidden dates included)."""
+    batch = sampler.sample(4)
+    masks = MultiBlockMasks()(4, 4, torch.Generator().manual_seed(3))
+    series = {s.name: s.time_series for s in SPECS}
+    # what the context sees is drawn in the loader, as the trainer's stream does
+    seen = [context_validity(batch, series, 0.7, 0.7, torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def two_steps():
+        jepa = JEPA(small_model())
+        counter = _HostSyncs()
+        with counter:
+            losses = [jepa(batch, 30, None, masks, seen[i], monitors=False)["loss"] for i in range(2)]
+            sum(losses).backward()
+        grads = [p.grad for p in jepa.encoder.parameters() if p.grad is not None]
+        return counter.count, torch.stack(losses), grads, jepa.target.patch_mean.clone()
+
+    syncs, losses, grads, statistics = two_steps()
+    with sync_free():
+        free_syncs, free_losses, free_grads, free_statistics = two_steps()
+    assert syncs > 10 and free_syncs == 0
+    torch.testing.assert_close(free_losses, losses, rtol=1e-5, atol=1e-6)
+    assert len(free_grads) == len(grads)
+    for a, b in zip(free_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(free_statistics, statistics)
+    # inference (dense output, cloudy dates) too
+    model = small_model().eval()
+    with torch.no_grad():
+        dense = model(batch, 30, output="dense")
+        with sync_free():
+            torch.testing.assert_close(model(batch, 30, output="dense"), dense, rtol=1e-5, atol=1e-5)
