@@ -51,10 +51,11 @@ def deployed(prefect_api, s3_endpoint):
     return env
 
 
-def stop_process_group(process: subprocess.Popen, grace_s: float = 120.0) -> None:
-    """SIGTERM to the process's group, then SIGKILL if it has not ended in grace_s (a worker
-    waits for the flow runs it still holds, such as the one the killed parent started; on a
-    loaded machine that can take minutes)."""
+def stop_process_group(process: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGTERM to the process's group, then SIGKILL if it has not ended in grace_s: a worker
+    still holding a flow run (such as the one the killed parent started) may not stop on
+    SIGTERM at all (in the full suite it sat out a 120 s grace), and no run must outlive the
+    test."""
     os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=grace_s)
