@@ -193,6 +193,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated: crop-types, land-cover")
     parser.add_argument("--max-points", type=int,
                         help="a class-stratified sample of this many crop-type points (quick runs)")
+    parser.add_argument("--device", default="cpu", help="where the embeddings are computed (cpu, cuda)")
 
 
 def add_points_arguments(parser: argparse.ArgumentParser) -> None:
@@ -215,7 +216,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import evaluate, markdown_table
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    rows = evaluate(args.checkpoint, args.output, tasks, max_points=args.max_points)
+    rows = evaluate(args.checkpoint, args.output, tasks, max_points=args.max_points,
+                    device=args.device)
     print(markdown_table(rows, args.checkpoint))
 
 

@@ -69,5 +69,6 @@ timeout 110 $PY -m anysat.cli pretrain --chips /tmp/pd/demo,/tmp/pd/bigearthnet 
     --log-every 50 --monitor-every 200 --checkpoint-every 200 --json-progress $BASE \
     > "$OUT/pretrain.jsonl" 2> "$OUT/pretrain.log"
 tail -3 "$OUT/pretrain.log"
-timeout 90 $PY -m anysat.cli evaluate --checkpoint /tmp/base-run/model --output "$OUT/eval" 2>&1 | tail -14
+timeout 150 $PY -m anysat.cli evaluate --checkpoint /tmp/base-run/model --output "$OUT/eval" \
+    --device "$DEVICE" 2>&1 | tail -14
 step "done"

@@ -72,9 +72,9 @@ class GpuSampler:
             except ValueError:
                 pass
 
-    def mean_since(self, since: float) -> float | None:
+    def mean_between(self, start: float, end: float) -> float | None:
         self.proc.terminate()
-        values = [v for t, v in self.samples if t >= since]
+        values = [v for t, v in self.samples if start <= t <= end]
         return round(sum(values) / len(values) / 100, 3) if values else None
 
 
@@ -88,12 +88,19 @@ def run_case(args, chips: str, model: str, nproc: int, threads: int, batch_size:
                "--device", args.device, "--dtype", args.dtype, "--crop-sizes-m", args.crop_sizes_m,
                "--json-progress"]
     sampler = GpuSampler() if args.device.startswith("cuda") else None
-    job = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    events = [json.loads(line) for line in job.stdout.splitlines() if line.startswith("{")]
-    progress = [e for e in events if e.get("event") == "progress"]
+    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads),
+                                "PYTHONUNBUFFERED": "1"})
+    stderr: list[str] = []
+    threading.Thread(target=lambda: stderr.extend(job.stderr), daemon=True).start()
+    progress, arrived = [], []  # each progress line, and when it arrived (GPU busy window)
+    for line in job.stdout:
+        if line.startswith("{") and (event := json.loads(line)).get("event") == "progress":
+            progress.append(event)
+            arrived.append(time.time())
+    job.wait()
     if job.returncode or len(progress) < 2:
-        raise SystemExit(f"case failed ({job.returncode}):\n{job.stderr[-3000:]}")
+        raise SystemExit(f"case failed ({job.returncode}):\n{''.join(stderr)[-3000:]}")
     steady = progress[1:]
     case = {"case": f"{model}-{nproc}x{threads}-b{batch_size}-{store}-{args.device}", "model": model,
             "nproc": nproc, "threads": threads, "workers": args.workers, "batch_size": batch_size,
@@ -102,9 +109,9 @@ def run_case(args, chips: str, model: str, nproc: int, threads: int, batch_size:
             "loader_wait_share": round(sum(e["loader_wait_share"] for e in steady) / len(steady), 4),
             "peak_rss_mb": progress[-1]["peak_rss_mb"]}
     if sampler is not None:
-        # the steady windows began at the first window's end: seconds after the job started
-        started = time.time() - (progress[-1]["seconds"] - progress[0]["seconds"]) - 1.0
-        case["gpu_busy"] = sampler.mean_since(started)
+        # the steady windows: from the first progress line to the last, not the start-up
+        # before them nor the final checkpoint after (which took most of a base case's time)
+        case["gpu_busy"] = sampler.mean_between(arrived[0], arrived[-1])
         case["gpu_peak_mb"] = progress[-1].get("gpu_peak_mb")
     return case
 

@@ -36,16 +36,19 @@ def random_twin(model: AnySat, seed: int = 0) -> AnySat:
 
 def evaluate(checkpoint: str = DEFAULT_MODEL, output: str | None = "outputs",
              tasks: tuple[str, ...] = TASKS, data: Path | None = None, max_points: int | None = None,
-             seed: int = 0) -> list[dict]:
+             seed: int = 0, device: str = "cpu") -> list[dict]:
     """Rows (task, method, probe, split, balanced accuracy and macro F1 mean/std over folds,
     folds, rankme) for raw features, random init and the checkpoint; written to
-    `output`/evaluation.{md,json} when `output` is given."""
+    `output`/evaluation.{md,json} when `output` is given. The embeddings are computed on
+    `device` (fp32, so the table does not depend on it beyond float rounding)."""
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise AnySatError(f"unknown task(s) {sorted(unknown)}; tasks: {', '.join(TASKS)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AnySatError(f"device {device!r}: this torch sees no CUDA device; use --device cpu")
     data = data or evaluation_data()
     model = load_model(checkpoint)
-    models = {RANDOM: random_twin(model, seed), PRETRAINED: model}
+    models = {RANDOM: random_twin(model, seed).to(device), PRETRAINED: model.to(device)}
     rows: list[dict] = []
     if "crop-types" in tasks:
         started = time.perf_counter()

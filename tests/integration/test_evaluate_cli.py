@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from anysat.evaluate.report import evaluation_data
 
@@ -42,6 +43,14 @@ def test_evaluate_rejects_an_unknown_task(tmp_path):
     result = anysat("evaluate", "--output", str(tmp_path), "--tasks", "crops")
     assert result.returncode == 2
     assert "unknown task(s) ['crops']; tasks: crop-types, land-cover" in result.stderr
+    assert not (tmp_path / "evaluation.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no GPU is seen")
+def test_evaluate_on_a_missing_gpu_says_so(tmp_path):
+    result = anysat("evaluate", "--output", str(tmp_path), "--device", "cuda")
+    assert result.returncode == 2
+    assert "device 'cuda': this torch sees no CUDA device; use --device cpu" in result.stderr
     assert not (tmp_path / "evaluation.json").exists()
 
 
