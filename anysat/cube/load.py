@@ -34,7 +34,7 @@ Backend = Literal["odc-stac", "stackstac"]
 BACKENDS: tuple[Backend, ...] = ("odc-stac", "stackstac")
 
 
-def _solar_day(item: pystac.Item) -> np.datetime64:
+def solar_day(item: pystac.Item) -> np.datetime64:
     """The local solar date (what odc-stac groups by): UTC time shifted by longitude / 15 h."""
     west, _, east, _ = item.bbox
     offset = np.timedelta64(int((west + east) / 2 / 15 * 3600), "s")
@@ -67,7 +67,7 @@ def _offsets_per_day(items: Sequence[pystac.Item], spec: ModalitySpec, asset: st
     """One offset per time step of the cube (its solar days, in order)."""
     by_day: dict = {}
     for item in items:
-        by_day.setdefault(_solar_day(item), item_offset(item, spec, asset))
+        by_day.setdefault(solar_day(item), item_offset(item, spec, asset))
     offsets = np.array([by_day[d] for d in sorted(by_day)], dtype="float32")
     if len(offsets) != n_times:  # grouping differs from ours: fall back to one offset
         return np.full(n_times, offsets[0] if len(offsets) else spec.offset, dtype="float32")
@@ -75,18 +75,21 @@ def _offsets_per_day(items: Sequence[pystac.Item], spec: ModalitySpec, asset: st
 
 
 def _read_odc(items: Sequence[pystac.Item], assets: list[str], resampling: dict[str, str],
-              geobox: GeoBox, nodata: float | None, patch_url, lazy: bool = True) -> xr.DataArray:
-    # eager (chunks=None): read now into numpy in this thread, no Dask graph per tile; callers
-    # read tiles on threads. (odc-stac's `pool` starts new threads every call: 0.6x the speed
-    # of plain rasterio reads in benchmarks/cube_load.py, against 0.9x without.)
+              geobox: GeoBox, nodata: float | None, patch_url, lazy: bool = True,
+              threads: int = 1) -> xr.DataArray:
+    # eager (chunks=None): read now into numpy, no Dask graph per tile. odc-stac's `pool`
+    # starts new threads every call: worth it for a block of tiles (1.7x on 2 cores), not for
+    # one small tile (0.6x the speed of plain rasterio reads in benchmarks/cube_load.py).
     raw = odc.stac.load(items, bands=assets, geobox=geobox, groupby="solar_day",
                         chunks={"x": -1, "y": -1} if lazy else None, resampling=resampling,
-                        nodata=nodata, patch_url=patch_url, fail_on_error=True)
+                        nodata=nodata, patch_url=patch_url, fail_on_error=True,
+                        pool=threads if threads > 1 and not lazy else None)
     return raw[assets].to_dataarray("band").transpose("time", "band", "y", "x")
 
 
 def _read_stackstac(items: Sequence[pystac.Item], assets: list[str], resampling: dict[str, str],
-                    geobox: GeoBox, nodata: float | None, patch_url, lazy: bool = True) -> xr.DataArray:
+                    geobox: GeoBox, nodata: float | None, patch_url, lazy: bool = True,
+                    threads: int = 1) -> xr.DataArray:
     import stackstac
     from rasterio.enums import Resampling
 
@@ -107,7 +110,7 @@ def _read_stackstac(items: Sequence[pystac.Item], assets: list[str], resampling:
             sortby_date=False,
         ))
     stack = xr.concat(parts, "band").sel(band=assets) if len(parts) > 1 else parts[0]
-    days = np.array([_solar_day(i) for i in items])
+    days = np.array([solar_day(i) for i in items])
     stack = stack.assign_coords(time=stack.time.values.astype("datetime64[ns]"),
                                 solar_day=("time", days))
     groups = [stack.isel(time=np.flatnonzero(days == day)) for day in np.unique(days)]
@@ -201,10 +204,10 @@ READERS = {"odc-stac": _read_odc, "stackstac": _read_stackstac}
 def load_cube(items: Sequence[pystac.Item], spec: ModalitySpec, geobox: GeoBox, *,
               naming: str = "planetary-computer",
               patch_url: Callable[[str], str] | None = None,
-              backend: Backend = "odc-stac", lazy: bool = True) -> xr.DataArray:
+              backend: Backend = "odc-stac", lazy: bool = True, threads: int = 1) -> xr.DataArray:
     """Cube of `items` on `geobox` (CRS, resolution = the sensor's GSD): lazy, one Dask chunk,
-    or with `lazy=False` read now (odc-stac reads into numpy, and the scaling and masking run
-    in numpy: what a task that needs the pixels at once wants).
+    or with `lazy=False` read now (odc-stac reads into numpy, on `threads` threads, and the
+    scaling and masking run in numpy: what a task that needs the pixels at once wants).
 
     Values are physical (reflectance, dB backscatter, metres) as float32; nodata and pixels
     the spec's cloud mask rejects are NaN. `patch_url` signs hrefs just before reading.
@@ -222,7 +225,8 @@ def load_cube(items: Sequence[pystac.Item], spec: ModalitySpec, geobox: GeoBox, 
     resampling = {a: spec.resampling for a in assets}
     if mask_asset:
         resampling[mask_asset] = "nearest"  # classes and bit flags must not be interpolated
-    raw = READERS[backend](items, list(resampling), resampling, geobox, spec.nodata, patch_url, lazy)
+    raw = READERS[backend](items, list(resampling), resampling, geobox, spec.nodata, patch_url,
+                           lazy, threads)
     cube = raw.sel(band=assets)
     valid = cube.notnull()
     if spec.nodata is not None:
@@ -230,15 +234,34 @@ def load_cube(items: Sequence[pystac.Item], spec: ModalitySpec, geobox: GeoBox, 
     if mask_asset:
         valid = valid & ~invalid_pixels(raw.sel(band=mask_asset), spec.cloud_mask)
     offsets = _offsets_per_day(items, spec, assets[0], cube.sizes["time"])
-    values = cube.astype("float32") * np.float32(spec.scale) + xr.DataArray(offsets, dims="time")
-    if spec.transform == "db":
-        valid = valid & (values > 0)
-        values = 10 * np.log10(values.where(valid))
-    cube = values.where(valid).astype("float32").assign_coords(band=spec.band_names)
-    cube = cube.chunk({"time": -1, "band": -1, "y": -1, "x": -1}) if lazy else read_cube(cube)
+    if lazy or not isinstance(cube.data, np.ndarray):
+        values = cube.astype("float32") * np.float32(spec.scale) + xr.DataArray(offsets, dims="time")
+        if spec.transform == "db":
+            valid = valid & (values > 0)
+            values = 10 * np.log10(values.where(valid))
+        cube = values.where(valid).astype("float32").assign_coords(band=spec.band_names)
+        cube = cube.chunk({"time": -1, "band": -1, "y": -1, "x": -1}) if lazy else read_cube(cube)
+    else:
+        cube = cube.copy(data=_physical(cube.values, valid.values, spec, offsets))
+        cube = cube.assign_coords(band=spec.band_names)
     cube.attrs = {"sensor": spec.name, "gsd_m": spec.gsd_m, "crs": str(geobox.crs),
                   "transform": tuple(geobox.affine)[:6], "backend": backend}
     return cube.rename(spec.name)
+
+
+def _physical(raw: np.ndarray, valid: np.ndarray, spec: ModalitySpec, offsets: np.ndarray
+              ) -> np.ndarray:
+    """The lazy path's arithmetic in place on one float32 copy (a block of tiles holds a few
+    hundred MB: no temporaries of its size)."""
+    values = raw.astype(np.float32)
+    values *= np.float32(spec.scale)
+    values += offsets[:, None, None, None]
+    if spec.transform == "db":
+        valid &= values > 0
+        np.log10(values, out=values, where=valid)
+        values *= np.float32(10)
+    values[~valid] = np.nan
+    return values
 
 
 def read_cube(cube: xr.DataArray) -> xr.DataArray:
