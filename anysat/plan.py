@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 import pandas as pd
@@ -39,7 +39,7 @@ from .modalities import ModalitySpec
 from .products.zarr_layer import LayerGrid
 from .request import RegionRequest
 from .stac import search_sensors
-from .tiles import Tile, ZoneTiles, plan_zones
+from .tiles import Tile, ZoneTiles, plan_zones, square_order
 
 log = logging.getLogger("anysat")
 
@@ -119,6 +119,28 @@ class RunPlan:
 
     def marker_uri(self, tile_id: str) -> str:
         return storage.join(self.uri, "tiles", f"{tile_id}.json")
+
+    @cached_property
+    def block_extents(self) -> dict[str, tuple[int, int, int, int]]:
+        """Each search block's tiles' extent (west column, north row, east column, south
+        row): where its reading squares start and end (`pipeline.read_blocks`)."""
+        g = self.tiles.groupby("block")
+        extent = g.agg(west=("col", "min"), north=("row", "max"), east=("col", "max"),
+                       south=("row", "min"))
+        return {b: tuple(int(v) for v in row) for b, row in zip(extent.index, extent.to_numpy())}
+
+    def in_reading_order(self, tile_ids: list[str]) -> list[str]:
+        """The tiles search block by search block (zone by zone, in the plan's order), each
+        block's in `square_order` from its north-west tile: consecutive tiles are read as
+        compact blocks, and no reading square straddles two search blocks (two block runs
+        of a continental flow)."""
+        rows = self.tiles.loc[tile_ids, ["col", "row", "block"]]
+        ordered: list[str] = []
+        for block, part in rows.groupby("block", sort=False):
+            order = square_order(part["col"].to_numpy(), part["row"].to_numpy(),
+                                 self.block_extents[block][:2], BLOCK_TILES)
+            ordered += list(part.index[order])
+        return ordered
 
     def tile(self, tile_id: str) -> Tile:
         row = self.tiles.loc[tile_id]

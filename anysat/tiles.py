@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -51,29 +52,44 @@ class Tile:
         return to_lonlat.transform_bounds(*self.bounds)
 
 
-def compact_groups(tiles: list[Tile], max_tiles: int, slack: float = 2.0) -> list[list[Tile]]:
-    """Consecutive tiles in groups of one zone, at most `max_tiles` each: a tile joins the
-    group when it touches the group's bounding box and that box then holds at most `slack` x
-    as many grid cells as the group has tiles. A group read as one block so never reads much
-    land outside its tiles (a batch wrapping from one grid row to the next starts a new one)."""
-    groups: list[list[Tile]] = []
-    box = (0, 0, 0, 0)  # the current group's (col0, row0, col1, row1)
-    for tile in tiles:
-        group = groups[-1] if groups else []
-        if group and len(group) < max_tiles and tile.epsg == group[0].epsg \
-                and box[0] - 1 <= tile.col <= box[2] + 1 and box[1] - 1 <= tile.row <= box[3] + 1:
-            wider = (min(box[0], tile.col), min(box[1], tile.row),
-                     max(box[2], tile.col), max(box[3], tile.row))
-            if (wider[2] - wider[0] + 1) * (wider[3] - wider[1] + 1) <= slack * (len(group) + 1):
-                group.append(tile)
-                box = wider
-                continue
-        groups.append([tile])
-        box = (tile.col, tile.row, tile.col, tile.row)
-    return groups
+def square_order(cols: np.ndarray, rows: np.ndarray, origin: tuple[int, int],
+                 side: int = 16) -> np.ndarray:
+    """Indices that order grid cells by `side` x `side` squares counted from `origin` (a
+    north-west tile: column, row), north to south then west to east, and inside each square
+    in Z (Morton) order: every aligned run of 4 or 16 cells is a 2 x 2 or 4 x 4 square, so
+    consecutive tiles make compact blocks to read (row-major runs of a wide region are 1-tile
+    strips)."""
+    c = np.asarray(cols, dtype=np.int64) - origin[0]
+    r = origin[1] - np.asarray(rows, dtype=np.int64)  # rows grow northwards
+    cm, rm = c % side, r % side
+    z = np.zeros(len(c), dtype=np.int64)
+    for bit in range(int(side - 1).bit_length()):
+        z |= ((cm >> bit) & 1) << (2 * bit) | ((rm >> bit) & 1) << (2 * bit + 1)
+    return np.lexsort((z, c // side, r // side))
 
 
-def block_geobox(tiles: list[Tile], gsd_m: float) -> GeoBox:
+def square_groups(tiles: list[Tile], extents: list[tuple[int, int, int, int]], side: int
+                  ) -> list[tuple[list[Tile], tuple[Tile, Tile]]]:
+    """The tiles grouped by the `side` x `side` square each lies in, counted from the
+    north-west corner of its extent (west column, north row, east column, south row: a fixed
+    part of its zone's grid, such as a search block's tiles), in order of first appearance;
+    with each group, the north-west and south-east tiles of its square cut to the extent. A
+    tile read inside that box gets the same pixels whichever of its neighbours are read with
+    it."""
+    groups: dict[tuple, list[Tile]] = {}
+    for tile, extent in zip(tiles, extents):
+        west, north = extent[0], extent[1]
+        key = (tile.epsg, extent, (tile.col - west) // side, (north - tile.row) // side)
+        groups.setdefault(key, []).append(tile)
+    out = []
+    for (epsg, (west, north, east, south), kc, kr), members in groups.items():
+        col, row, size = west + kc * side, north - kr * side, members[0].size_m
+        out.append((members, (Tile(epsg, col, row, size),
+                              Tile(epsg, min(col + side - 1, east), max(row - side + 1, south), size))))
+    return out
+
+
+def block_geobox(tiles: Sequence[Tile], gsd_m: float) -> GeoBox:
     """The pixel grid at `gsd_m` over the tiles' bounding box: every tile's own geobox is a
     window of it (both snap to the same multiples of the GSD)."""
     b = np.array([t.bounds for t in tiles])

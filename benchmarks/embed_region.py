@@ -93,7 +93,8 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
     from anysat.cli import DEMO_DATES
     from anysat.batch import stack_samples
     from anysat.cube.batch import load_block_batches
-    from anysat.pipeline import READ_THREADS, get_model, read_blocks, run_region
+    from anysat.pipeline import (READ_THREADS, RUN_CHUNK_TILES, get_model, read_blocks,
+                                 run_region, tile_batches)
     from anysat.plan import read_plan
     from anysat.request import RegionRequest
     from anysat.stac import resolve_provider
@@ -114,12 +115,13 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
         # the reads alone (the same blocks, threads and items as the run), then the forward
         # alone on the same tiles, batched the same way
         plan, provider, specs = read_plan(out, request), resolve_provider(catalog), request.modality_specs()
-        planned = [plan.tile(t) for t in plan.tile_ids]
+        blocks = [block for ids in tile_batches(plan, max(request.tiles_per_batch, RUN_CHUNK_TILES))
+                  for block in read_blocks(plan, list(map(plan.tile, ids)))]
         begun, samples = time.perf_counter(), []
-        for block in read_blocks(planned):
+        for tiles_read, square in blocks:
             samples += [batch for batch, _ in load_block_batches(
-                [plan.items(t.id) for t in block], specs, block, naming=provider.naming,
-                threads=READ_THREADS)]
+                [plan.items(t.id) for t in tiles_read], specs, tiles_read, area=square,
+                naming=provider.naming, threads=READ_THREADS)]
         reads = time.perf_counter() - begun
         cast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
         forward = 0.0

@@ -3,6 +3,7 @@
 import datetime as dt
 import logging
 
+import numpy as np
 import pytest
 import torch
 from shapely.geometry import box
@@ -11,7 +12,7 @@ from anysat.cube.batch import load_block_batches, load_items_batch
 from anysat.errors import TileReadError
 from anysat.modalities import available_specs
 from anysat.stac import resolve_provider, search_items
-from anysat.tiles import Tile, compact_groups, plan_tiles
+from anysat.tiles import Tile, plan_tiles, square_groups, square_order
 from tests.conftest import DEMO_BBOX
 
 SPECS = available_specs()
@@ -68,12 +69,41 @@ def test_a_tile_whose_data_fail_fails_alone_and_its_block_is_read(items, tmp_pat
         assert_same_batch(block[i], load_items_batch(per_tile[i], SENSORS, tiles[i], naming="demo"))
 
 
-def test_compact_groups_never_span_far_outside_their_tiles():
-    row = [Tile(32631, c, 9, 600.0) for c in range(10, 14)]
-    wrapped = row + [Tile(32631, c, 8, 600.0) for c in range(0, 4)]  # the next grid row
-    assert [len(g) for g in compact_groups(wrapped, 16)] == [4, 4]
-    square = [Tile(32631, c, r, 600.0) for r in (9, 8) for c in range(10, 14)]
-    assert [len(g) for g in compact_groups(square, 16)] == [8]
-    assert [len(g) for g in compact_groups(square, 3)] == [3, 1, 3, 1]
-    zones = row[:2] + [Tile(32632, 0, 9, 600.0)]
-    assert [[t.epsg for t in g] for g in compact_groups(zones, 16)] == [[32631, 32631], [32632]]
+def test_a_tile_read_in_its_square_gets_the_same_values_whatever_is_read_with_it(items):
+    """What a resumed run relies on: a tile's values (the warped DEM's too) do not depend on
+    which of its square's tiles are read with it."""
+    tiles = plan_tiles(box(*DEMO_BBOX), 250)
+    extent = (min(t.col for t in tiles), max(t.row for t in tiles), 10**6, -10**6)
+    (group, square), *_ = square_groups(tiles, [extent] * len(tiles), 8)
+    assert len(group) >= 16
+    full = load_block_batches([items] * len(group), SENSORS, group, area=square, naming="demo")
+    alone = load_block_batches([items], SENSORS, group[-1:], area=square, naming="demo")
+    for key, value in full[-1][0].items():
+        torch.testing.assert_close(alone[0][0][key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    # the tile's own box would give other DEM values: what a fixed square guards against
+    own_box = load_block_batches([items], SENSORS, group[-1:], naming="demo")
+    assert not torch.equal(own_box[0][0]["copernicus-dem"].nan_to_num(),
+                           full[-1][0]["copernicus-dem"].nan_to_num())
+
+
+def test_square_groups_and_reading_order():
+    cells = [Tile(32631, c, r, 600.0) for r in range(9, 1, -1) for c in range(3, 11)]  # 8 x 8
+    order = square_order(np.array([t.col for t in cells]), np.array([t.row for t in cells]),
+                         (3, 9), 16)
+    ordered = [cells[i] for i in order]
+    # every run of 16 is a 4 x 4 square, every run of 4 a 2 x 2 one
+    for start in range(0, 64, 16):
+        run = ordered[start:start + 16]
+        assert len({t.col for t in run}) == 4 and len({t.row for t in run}) == 4
+    assert {(t.col, t.row) for t in ordered[:4]} == {(3, 9), (4, 9), (3, 8), (4, 8)}
+    groups = square_groups(ordered[:20], [(3, 9, 10, 2)] * 20, 4)
+    assert [len(g) for g, _ in groups] == [16, 4]
+    (nw, se) = groups[1][1]
+    assert (nw.col, nw.row, se.col, se.row) == (7, 9, 10, 6)
+    # a square is cut to its extent (no land read outside a search block's tiles)
+    (_, (nw, se)), = square_groups(ordered[:1], [(3, 9, 4, 7)], 4)
+    assert (nw.col, nw.row, se.col, se.row) == (3, 9, 4, 7)
+    # a square never mixes zones, nor tiles of two extents (search blocks)
+    mixed = [Tile(32631, 3, 9, 600.0), Tile(32632, 3, 9, 600.0), Tile(32631, 4, 9, 600.0)]
+    extents = [(3, 9, 10, 2), (3, 9, 10, 2), (4, 9, 10, 2)]
+    assert [len(g) for g, _ in square_groups(mixed, extents, 4)] == [1, 1, 1]
