@@ -78,8 +78,8 @@ def load_block_batches(items: Sequence[dict[str, Sequence[pystac.Item]]], specs:
     """`load_items_batch` of each tile (`items[i]` over `tiles[i]`, tiles of one zone), read
     as one block: each sensor's cube over the bounding box of `area` (tiles of the same grid;
     default: `tiles`), from all their items, on `threads` threads, then cut into the tiles'
-    windows and their own dates. One read per asset instead of one per asset and tile: 8x
-    fewer seconds for 16 tiles of 600 m.
+    windows and their own dates. One read per asset instead of one per asset and tile: 10x
+    faster for squares of 16 tiles of 600 m.
 
     A sensor on the tile grid gets the same pixels as a tile read alone (a day's mosaic takes
     the first valid item, and an item off a tile has none of its pixels); a sensor warped from

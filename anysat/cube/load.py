@@ -78,8 +78,10 @@ def _read_odc(items: Sequence[pystac.Item], assets: list[str], resampling: dict[
               geobox: GeoBox, nodata: float | None, patch_url, lazy: bool = True,
               threads: int = 1) -> xr.DataArray:
     # eager (chunks=None): read now into numpy, no Dask graph per tile. odc-stac's `pool`
-    # starts new threads every call: worth it for a block of tiles (1.7x on 2 cores), not for
-    # one small tile (0.6x the speed of plain rasterio reads in benchmarks/cube_load.py).
+    # starts new threads every call: for a block of tiles only (one small tile read with it
+    # ran at 0.6x plain rasterio reads in benchmarks/cube_load.py). On 2 local cores it gains
+    # nothing (decompression holds them); it is there for remote COGs, whose opens and range
+    # requests wait on the network (not measured here).
     raw = odc.stac.load(items, bands=assets, geobox=geobox, groupby="solar_day",
                         chunks={"x": -1, "y": -1} if lazy else None, resampling=resampling,
                         nodata=nodata, patch_url=patch_url, fail_on_error=True,
