@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -103,7 +104,7 @@ def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
     a square, on READ_THREADS threads: `load_block_batches`), the next square while the model
     runs on the tiles in hand (PREFETCH_BATCHES batches ahead, at least a square: memory stays
     flat in the number of tiles, 1.04x from 16 to 64); `batch_size` tiles go through one
-    forward."""
+    forward, and are written on another thread while the next batch runs."""
     request = plan.request
     results = []
     todo = []
@@ -139,7 +140,14 @@ def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
 
     ahead = PREFETCH_BATCHES * n  # tiles read ahead of the forward (at least one block)
     in_hand: list = []
-    with ThreadPoolExecutor(max_workers=1) as reader:
+    writes: deque = deque()
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer:
+
+        def write(*args) -> None:  # off the model's path; at most a batch of tiles behind
+            while len(writes) >= n:
+                results.append(writes.popleft().result())
+            writes.append(writer.submit(_write_tile, plan, *args))
+
         pending: deque = deque()
         queued = deque(blocks)
         while True:
@@ -150,10 +158,11 @@ def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
                 if not in_hand:
                     break
                 group, in_hand = in_hand[:n], in_hand[n:]
-                results += _embed_group(plan, model, group)
+                _embed_group(plan, model, group, write)
                 continue
             for loaded in pending.popleft()[0].result():
                 (results if isinstance(loaded, dict) else in_hand).append(loaded)
+        results += [w.result() for w in writes]
     return results
 
 
@@ -172,13 +181,14 @@ def read_blocks(plan: RunPlan, tiles: list[Tile]) -> list[tuple[list[Tile], tupl
     return square_groups(tiles, [plan.block_extents[b] for b in blocks], side)
 
 
-def _embed_group(plan: RunPlan, model: AnySat, group: list[tuple[Tile, dict, dict, float]]) -> list[dict]:
-    """One forward per set of sensors present among the group's tiles; write and mark each."""
+def _embed_group(plan: RunPlan, model: AnySat, group: list[tuple[Tile, dict, dict, float]],
+                 write: Callable[..., None]) -> None:
+    """One forward per set of sensors present among the group's tiles; each tile's patches
+    then go to `write` (`_write_tile`'s arguments after the plan)."""
     request = plan.request
     by_sensors: dict[frozenset, list] = {}
     for item in group:
         by_sensors.setdefault(frozenset(item[1]), []).append(item)
-    results = []
     for keys, items in by_sensors.items():
         started = time.perf_counter()
         patches = valid = None
@@ -192,10 +202,8 @@ def _embed_group(plan: RunPlan, model: AnySat, group: list[tuple[Tile, dict, dic
                 valid = model.patch_validity(batch, request.patch_size_m).cpu().numpy()
         forward_s = (time.perf_counter() - started) / len(items)
         for i, (tile, _, dates, read_s) in enumerate(items):
-            results.append(_write_tile(plan, tile, None if patches is None else patches[i],
-                                       None if valid is None else valid[i], dates,
-                                       read_s + forward_s))
-    return results
+            write(tile, None if patches is None else patches[i],
+                  None if valid is None else valid[i], dates, read_s + forward_s)
 
 
 def _write_tile(plan: RunPlan, tile: Tile, patches: np.ndarray | None, valid: np.ndarray | None,
