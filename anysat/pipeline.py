@@ -47,9 +47,7 @@ log = logging.getLogger("anysat")
 PREFETCH_BATCHES = 1  # batches of tiles read ahead of the model (memory: 2 batches in hand)
 BLOCK_SIDE, BLOCK_KM2 = 4, 30.0  # tiles read as one block: 4 x 4 (and <= 30 km2): 10x faster reads
 READ_THREADS = min(8, os.cpu_count() or 1)  # threads reading one block's assets (see _read_odc)
-# tiles one process embeds per call without Prefect tasks (reads overlap the model inside a
-# call only; `tiles_per_batch` sizes the tasks of the Prefect flow)
-RUN_CHUNK_TILES = 256
+RUN_CHUNK_TILES = 256  # see tiles_per_call
 PREVIEW_MAX_SIDE = 2048  # pixels: previews and map PNGs of a continent stay small
 
 
@@ -232,6 +230,13 @@ def _write_tile(plan: RunPlan, tile: Tile, patches: np.ndarray | None, valid: np
     return result
 
 
+def tiles_per_call(request: RegionRequest) -> int:
+    """Tiles one `embed_tiles` call takes where no Prefect task sizes it (`run_region`, a
+    continental block run): reads overlap the model inside a call only, so at least
+    RUN_CHUNK_TILES (`tiles_per_batch` sizes the tasks of the Prefect flow)."""
+    return max(request.tiles_per_batch, RUN_CHUNK_TILES)
+
+
 def tile_batches(plan: RunPlan, size: int | None = None) -> list[list[str]]:
     """Tile ids in task-sized batches (`tiles_per_batch`, or `size`), zone by zone, in the
     plan's reading order (squares of tiles, so a batch is read in few compact blocks)."""
@@ -393,7 +398,7 @@ def run_region(request: RegionRequest) -> dict:
     with lease.hold(request.output_uri, "anysat embed"):
         plan = plan_run(request)
         results: list[dict] = []
-        for ids in tile_batches(plan, max(request.tiles_per_batch, RUN_CHUNK_TILES)):
+        for ids in tile_batches(plan, tiles_per_call(request)):
             results.extend(embed_tiles(plan, ids))
             area = sum(r["area_km2"] for r in results)
             failed = sum("failed" in r for r in results)

@@ -93,8 +93,8 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
     from anysat.cli import DEMO_DATES
     from anysat.batch import stack_samples
     from anysat.cube.batch import load_block_batches
-    from anysat.pipeline import (READ_THREADS, RUN_CHUNK_TILES, get_model, read_blocks,
-                                 run_region, tile_batches)
+    from anysat.pipeline import (READ_THREADS, get_model, read_blocks, run_region, tile_batches,
+                                 tiles_per_call)
     from anysat.plan import read_plan
     from anysat.request import RegionRequest
     from anysat.stac import resolve_provider
@@ -115,7 +115,7 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
         # the reads alone (the same blocks, threads and items as the run), then the forward
         # alone on the same tiles, batched the same way
         plan, provider, specs = read_plan(out, request), resolve_provider(catalog), request.modality_specs()
-        blocks = [block for ids in tile_batches(plan, max(request.tiles_per_batch, RUN_CHUNK_TILES))
+        blocks = [block for ids in tile_batches(plan, tiles_per_call(request))
                   for block in read_blocks(plan, list(map(plan.tile, ids)))]
         begun, samples = time.perf_counter(), []
         for tiles_read, square in blocks:

@@ -38,7 +38,7 @@ def embed_tiles(request: RegionRequest, plan_hash: str, tile_ids: list[str]) -> 
     logger = get_run_logger()
     plan = plan_for_worker(request, plan_hash)
     results: list[dict] = []
-    step = max(request.tiles_per_batch, pipeline.RUN_CHUNK_TILES)
+    step = pipeline.tiles_per_call(request)
     for start in range(0, len(tile_ids), step):
         results += pipeline.embed_tiles(plan, tile_ids[start:start + step])
         logger.info("progress: %d/%d tiles of the block", len(results), len(tile_ids))
