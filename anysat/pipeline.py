@@ -16,7 +16,7 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -47,6 +47,8 @@ log = logging.getLogger("anysat")
 PREFETCH_BATCHES = 1  # batches of tiles read ahead of the model (memory: 2 batches in hand)
 BLOCK_SIDE, BLOCK_KM2 = 4, 30.0  # tiles read as one block: 4 x 4 (and <= 30 km2): 10x faster reads
 READ_THREADS = min(8, os.cpu_count() or 1)  # threads reading one block's assets (see _read_odc)
+# blocks read at once beside an accelerator (2 threads: 1.26x the reads of 1 on 2 cores)
+BLOCK_READERS = max(1, min(4, (os.cpu_count() or 1) // 4))
 RUN_CHUNK_TILES = 256  # see tiles_per_call
 PREVIEW_MAX_SIDE = 2048  # pixels: previews and map PNGs of a continent stay small
 
@@ -99,10 +101,12 @@ def plan_run(request: RegionRequest, create_layers: bool = True) -> RunPlan:
 def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
     """Load (the plan's items), embed and write tiles, each then marked done (tiles already
     done are skipped). Tiles are read in the squares of `read_blocks` (one read per asset for
-    a square, on READ_THREADS threads: `load_block_batches`), the next square while the model
-    runs on the tiles in hand (PREFETCH_BATCHES batches ahead, at least a square: memory stays
-    flat in the number of tiles, 1.04x from 16 to 64); `batch_size` tiles go through one
-    forward, and are written on another thread while the next batch runs."""
+    a square, on READ_THREADS threads: `load_block_batches`); `batch_size` tiles go through
+    one forward. Beside an accelerator, the next squares are read while the model runs
+    (BLOCK_READERS at once, PREFETCH_BATCHES batches ahead at least: memory stays flat in the
+    number of tiles) and tiles are written on another thread while the next batch runs. A
+    model on the CPU already uses every core: there reads and writes take turns with it
+    (`overlaps_io`)."""
     request = plan.request
     results = []
     todo = []
@@ -136,10 +140,13 @@ def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
                 out.append((tile, *result, seconds))
         return out
 
-    ahead = PREFETCH_BATCHES * n  # tiles read ahead of the forward (at least one block)
+    overlap = overlaps_io(model)
+    readers = BLOCK_READERS if overlap else 1
+    # tiles read ahead of the forward: a batch's worth, and every reader busy with a block
+    ahead = max(PREFETCH_BATCHES * n, readers * max((len(b) for b, _ in blocks), default=1))
     in_hand: list = []
     writes: deque = deque()
-    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer:
+    with _executor(readers, overlap) as reader, _executor(1, overlap) as writer:
 
         def write(*args) -> None:  # off the model's path; at most a batch of tiles behind
             while len(writes) >= n:
@@ -162,6 +169,30 @@ def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
                 (results if isinstance(loaded, dict) else in_hand).append(loaded)
         results += [w.result() for w in writes]
     return results
+
+
+def overlaps_io(model: AnySat) -> bool:
+    """Whether reads and writes run beside the model. Not for a model on the CPU: its forward
+    uses every core, and a reader thread beside it (GIL, cores) slows it by more than the reads
+    cost (2 cores, 64 tiles of the demo's pixels: 24.6 s overlapped, 20.8 s in turns)."""
+    return next(model.parameters()).device.type != "cpu"
+
+
+class _InTurn(Executor):
+    """Runs each call at once in the caller's thread (reads and writes in turn with the
+    model), behind the same interface as the thread pools that overlap them."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - raised where the result is taken, as a pool's
+            future.set_exception(exc)
+        return future
+
+
+def _executor(workers: int, overlap: bool) -> Executor:
+    return ThreadPoolExecutor(max_workers=workers) if overlap else _InTurn()
 
 
 def read_blocks(plan: RunPlan, tiles: list[Tile]) -> list[tuple[list[Tile], tuple[Tile, Tile]]]:

@@ -8,7 +8,8 @@ the shipped checkpoint, S2 + S1 + DEM, 30 m patches. Each case runs in a fresh p
 `peak_rss_mb` is that case's) and prints one JSON line: case, tiles, batch_size (tiles per
 forward), device, dtype, area_km2, seconds, km2_per_s (end to end: plan, reads, forward,
 writes), model_km2_per_s (the forward alone, on the same tiles' batches, same batch size),
-read_km2_per_s (the cube reads alone, in the run's blocks, on read_threads threads),
+read_km2_per_s (the cube reads alone, in the run's blocks, on read_threads threads each,
+read_workers blocks at once: several beside an accelerator, one in turn with a CPU model),
 peak_rss_mb, and for the products asked (`--products`, besides the preview, which is always
 made) the seconds per tile of each and `products_share`: their part of the end-to-end time.
 
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +95,8 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
     from anysat.cli import DEMO_DATES
     from anysat.batch import stack_samples
     from anysat.cube.batch import load_block_batches
-    from anysat.pipeline import (READ_THREADS, get_model, read_blocks, run_region, tile_batches,
-                                 tiles_per_call)
+    from anysat.pipeline import (BLOCK_READERS, READ_THREADS, overlaps_io, get_model,
+                                 read_blocks, run_region, tile_batches, tiles_per_call)
     from anysat.plan import read_plan
     from anysat.request import RegionRequest
     from anysat.stac import resolve_provider
@@ -117,11 +119,17 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
         plan, provider, specs = read_plan(out, request), resolve_provider(catalog), request.modality_specs()
         blocks = [block for ids in tile_batches(plan, tiles_per_call(request))
                   for block in read_blocks(plan, list(map(plan.tile, ids)))]
-        begun, samples = time.perf_counter(), []
-        for tiles_read, square in blocks:
-            samples += [batch for batch, _ in load_block_batches(
+        readers = BLOCK_READERS if overlaps_io(net) else 1  # blocks at once, as the run reads
+
+        def read(block):
+            tiles_read, square = block
+            return [batch for batch, _ in load_block_batches(
                 [plan.items(t.id) for t in tiles_read], specs, tiles_read, area=square,
                 naming=provider.naming, threads=READ_THREADS)]
+
+        begun = time.perf_counter()
+        with ThreadPoolExecutor(readers) as pool:
+            samples = [batch for batches in pool.map(read, blocks) for batch in batches]
         reads = time.perf_counter() - begun
         cast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
         forward = 0.0
@@ -143,6 +151,7 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
             "torch_threads": torch.get_num_threads(), "seconds": round(seconds, 2),
             "km2_per_s": round(area / seconds, 4), "model_km2_per_s": round(area / forward, 4),
             "read_km2_per_s": round(area / reads, 4), "read_threads": READ_THREADS,
+            "read_workers": readers,
             "peak_rss_mb": round(peak_rss_mb, 1), "quantize": quantize,
             **{f"{k}_s_per_tile": round(v / tiles, 4) for k, v in product_s.items()},
             "products_share": round(sum(product_s.values()) / seconds, 4)}

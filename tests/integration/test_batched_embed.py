@@ -1,4 +1,5 @@
-"""Many tiles per forward (reads on threads) writes the same layer as one tile per forward."""
+"""Many tiles per forward writes the same layer as one tile per forward, and reads and writes
+beside the model (as on an accelerator) the same as in turns with it (as on the CPU)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from anysat.cli import DEMO_BBOX, DEMO_DATES
+from anysat import pipeline
 from anysat.pipeline import run_region
 from anysat.products.zarr_layer import read_layer
 from anysat.request import RegionRequest
@@ -13,18 +15,22 @@ from anysat.request import RegionRequest
 pytestmark = pytest.mark.integration
 
 
-def test_batched_inference_equals_one_tile_per_forward(tmp_path):
+def test_batched_inference_equals_one_tile_per_forward(tmp_path, monkeypatch):
     layers = {}
-    for batch_size in (1, 4):
+    for name, batch_size, overlapped in (("one", 1, False), ("four", 4, False),
+                                         ("overlapped", 4, True)):
+        monkeypatch.setattr(pipeline, "overlaps_io", lambda model: overlapped)
+        monkeypatch.setattr(pipeline, "BLOCK_READERS", 2)
         request = RegionRequest.build(bbox=DEMO_BBOX, start=DEMO_DATES[0], end=DEMO_DATES[1],
                                       patch_size_m=60.0, tiles_per_batch=9, batch_size=batch_size,
-                                      output_uri=str(tmp_path / f"b{batch_size}"))
+                                      tile_size_m=240.0, output_uri=str(tmp_path / name))
         manifest = run_region(request)
-        assert manifest["tiles"] == 9
-        layers[batch_size] = read_layer(manifest["layers"][0]["layer"])["embedding"].values
-    one, four = layers[1], layers[4]
+        assert manifest["tiles"] == 25   # 5 x 5: blocks of 16, 4, 4 and 1 tiles, two readers
+        layers[name] = read_layer(manifest["layers"][0]["layer"])["embedding"].values
+    one, four = layers["one"], layers["four"]
     assert np.array_equal(np.isnan(one), np.isnan(four)) and np.isfinite(one).any()
     np.testing.assert_allclose(four, one, rtol=1e-4, atol=1e-5)   # float32 batched matmuls
+    np.testing.assert_array_equal(layers["overlapped"], four)   # the same reads and forwards
 
 
 def test_a_device_this_machine_lacks_is_a_clear_error():
