@@ -47,8 +47,6 @@ log = logging.getLogger("anysat")
 PREFETCH_BATCHES = 1  # batches of tiles read ahead of the model (memory: 2 batches in hand)
 BLOCK_SIDE, BLOCK_KM2 = 4, 30.0  # tiles read as one block: 4 x 4 (and <= 30 km2): 10x faster reads
 READ_THREADS = min(8, os.cpu_count() or 1)  # threads reading one block's assets (see _read_odc)
-# blocks read at once beside an accelerator (2 threads: 1.26x the reads of 1 on 2 cores)
-BLOCK_READERS = max(1, min(4, (os.cpu_count() or 1) // 4))
 RUN_CHUNK_TILES = 256  # see tiles_per_call
 PREVIEW_MAX_SIDE = 2048  # pixels: previews and map PNGs of a continent stay small
 
@@ -103,7 +101,7 @@ def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
     done are skipped). Tiles are read in the squares of `read_blocks` (one read per asset for
     a square, on READ_THREADS threads: `load_block_batches`); `batch_size` tiles go through
     one forward. Beside an accelerator, the next squares are read while the model runs
-    (BLOCK_READERS at once, PREFETCH_BATCHES batches ahead at least: memory stays flat in the
+    (`block_readers()` at once, PREFETCH_BATCHES batches ahead at least: memory stays flat in the
     number of tiles) and tiles are written on another thread while the next batch runs. A
     model on the CPU already uses every core: there reads and writes take turns with it
     (`overlaps_io`)."""
@@ -141,7 +139,7 @@ def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
         return out
 
     overlap = overlaps_io(model)
-    readers = BLOCK_READERS if overlap else 1
+    readers = block_readers() if overlap else 1
     # tiles read ahead of the forward: a batch's worth, and every reader busy with a block
     ahead = max(PREFETCH_BATCHES * n, readers * max((len(b) for b, _ in blocks), default=1))
     in_hand: list = []
@@ -176,6 +174,19 @@ def overlaps_io(model: AnySat) -> bool:
     uses every core, and a reader thread beside it (GIL, cores) slows it by more than the reads
     cost (2 cores, 64 tiles of the demo's pixels: 24.6 s overlapped, 20.8 s in turns)."""
     return next(model.parameters()).device.type != "cpu"
+
+
+def block_readers() -> int:
+    """Blocks read at once beside an accelerator: `ANYSAT_BLOCK_READERS`, by default one per 4
+    cores, up to 4 (on 2 cores, 2 readers read 1.26x as fast as 1; reads of remote COGs,
+    which mostly wait on the network, may want more)."""
+    value = os.environ.get("ANYSAT_BLOCK_READERS", "")
+    if not value:
+        return max(1, min(4, (os.cpu_count() or 1) // 4))
+    if not value.isdigit() or int(value) < 1:
+        raise RequestError(f"ANYSAT_BLOCK_READERS={value!r}: give a whole number of blocks "
+                           "read at once, 1 or more")
+    return int(value)
 
 
 class _InTurn(Executor):

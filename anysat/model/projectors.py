@@ -18,7 +18,10 @@ from .layers import branch_on_values, mlp, sincos_1d
 
 DAYS_PER_YEAR = 365.2425
 DOY_PERIOD = 367.0  # the official encoder's day-of-year table length
-PIXELS_PER_CHUNK = 512  # pixel rows per temporal chunk: activations stay in cache, matmuls large
+PIXELS_PER_CHUNK = 512  # pixel rows per temporal chunk on the CPU: activations stay in cache
+# on an accelerator, rows per chunk up to this many bytes of MLP output: few, large kernels
+# (512-row chunks made 113 chunks of ~15 kernels each per forward of 16 tiles of 600 m)
+ACCELERATOR_CHUNK_BYTES = 512 * 2**20
 
 
 def day_of_year(dates_days: torch.Tensor) -> torch.Tensor:
@@ -72,7 +75,10 @@ class TemporalProjector(nn.Module):
         b_key = self.key.weight @ self.out.bias + self.key.bias
         date_key = F.linear(date_code, w_key)                                           # [B, T, H*K]
         date_value = F.linear(date_code, self.out.weight)                               # [B, T, D]
-        rows = torch.arange(b * p, device=x.device).split(PIXELS_PER_CHUNK)
+        step = PIXELS_PER_CHUNK
+        if not branch_on_values(z):
+            step = max(step, ACCELERATOR_CHUNK_BYTES // (t * 2 * d * 4))
+        rows = [slice(i, i + step) for i in range(0, b * p, step)]
         tokens = torch.cat([self._pool(z[r], keep[r], date_value[sample[r]], date_key[sample[r]],
                                        w_key, b_key) for r in rows])
         any_valid = keep.any(dim=1)

@@ -20,7 +20,7 @@ def test_batched_inference_equals_one_tile_per_forward(tmp_path, monkeypatch):
     for name, batch_size, overlapped in (("one", 1, False), ("four", 4, False),
                                          ("overlapped", 4, True)):
         monkeypatch.setattr(pipeline, "overlaps_io", lambda model: overlapped)
-        monkeypatch.setattr(pipeline, "BLOCK_READERS", 2)
+        monkeypatch.setenv("ANYSAT_BLOCK_READERS", "2")
         request = RegionRequest.build(bbox=DEMO_BBOX, start=DEMO_DATES[0], end=DEMO_DATES[1],
                                       patch_size_m=60.0, tiles_per_batch=9, batch_size=batch_size,
                                       tile_size_m=240.0, output_uri=str(tmp_path / name))

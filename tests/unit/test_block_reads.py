@@ -107,3 +107,17 @@ def test_square_groups_and_reading_order():
     mixed = [Tile(32631, 3, 9, 600.0), Tile(32632, 3, 9, 600.0), Tile(32631, 4, 9, 600.0)]
     extents = [(3, 9, 10, 2), (3, 9, 10, 2), (4, 9, 10, 2)]
     assert [len(g) for g, _ in square_groups(mixed, extents, 4)] == [1, 1, 1]
+
+
+def test_block_readers_from_the_environment(monkeypatch):
+    from anysat.errors import RequestError
+    from anysat.pipeline import block_readers
+
+    monkeypatch.setenv("ANYSAT_BLOCK_READERS", "3")
+    assert block_readers() == 3
+    monkeypatch.delenv("ANYSAT_BLOCK_READERS")
+    assert 1 <= block_readers() <= 4
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("ANYSAT_BLOCK_READERS", bad)
+        with pytest.raises(RequestError, match="ANYSAT_BLOCK_READERS"):
+            block_readers()

@@ -141,6 +141,20 @@ def test_shuffling_dates_with_their_timestamps_changes_nothing(model, batch):
 
 
 @torch.inference_mode()
+def test_the_accelerator_path_chunks_pixels_differently_with_the_same_tokens(model, batch):
+    """On an accelerator the temporal projector takes a tile's 3,600 pixels in one chunk (few,
+    large kernels) instead of 512-pixel chunks: the same embeddings."""
+    from anysat.model.layers import sync_free
+    from anysat.model.projectors import PIXELS_PER_CHUNK
+
+    assert batch["sentinel-2-l2a"].shape[-1] ** 2 > 2 * PIXELS_PER_CHUNK   # several CPU chunks
+    for output in ("patch", "dense"):
+        cpu = model(batch, 30, output=output)
+        with sync_free():
+            torch.testing.assert_close(model(batch, 30, output=output), cpu, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
 def test_one_date_is_a_valid_time_series(model, batch):
     one = {k: v[:, 6:7] for k, v in only(batch, "sentinel-2-l2a").items()}
     out = model(one, 20, "patch")
