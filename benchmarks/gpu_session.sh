@@ -1,13 +1,16 @@
 #!/bin/bash
 # Every GPU check the open work needs, as one script for one call of the device tool (a lent
 # GPU machine: torch there, the rest from .whl/site.tar.xz, made here by gpu_wheels.sh):
-#   1. embed-region throughput, base, bf16, 16 and 64 tiles at 16 and 64 tiles per forward:
-#      km2/s end to end and forward only (benchmarks/embed_region.py);
-#   2. pretraining throughput, tiny and base, bf16, batch 64 and 256: samples/s, GPU busy,
+#   1. embed-region throughput, base, bf16, 64 tiles at 16 and 64 tiles per forward, with
+#      the default block readers and with one: km2/s end to end, forward only and reads only
+#      (benchmarks/embed_region.py);
+#   2. a training step's host and device time, tiny and base, batch 64 and 256
+#      (benchmarks/train_step_profile.py);
+#   3. pretraining throughput, tiny and base, bf16, batch 64 and 256: samples/s, GPU busy,
 #      loader wait (benchmarks/train_throughput.py, chips ingested there in the current format);
-#   3. a short base pretraining on the shipped checkpoint's data and its probe table.
+#   4. a short base pretraining on the shipped checkpoint's data and its probe table.
 # Each step has its own time limit, and writes what it measured under $OUT as it goes, so a
-# step cut short still leaves the others' lines (8 files: the most a call brings back).
+# step cut short still leaves the others' lines (9 files).
 # About 7 minutes on an H100 (2026-11-26: 8 min, with tile-by-tile reads, and the evaluation
 # then on the CPU was cut at 90 s).
 #
@@ -28,10 +31,12 @@ if [ -z "${PY:-}" ]; then  # the device machine: its python3, and the packages c
 fi
 if [ "$DEVICE" = cpu ]; then
     DTYPE=fp32; TRAIN="--models tiny --layouts 1x2 --batch-sizes 8 --workers 1 --steps 20"
-    EMBED="--tiles 4 --batch-sizes 4"; BASE="--model tiny --steps 20 --batch-size 8 --workers 1"
+    EMBED="--tiles 4 --batch-sizes 4"; EMBED1=$EMBED; BASE="--model tiny --steps 20 --batch-size 8 --workers 1"
+    PROFILE="--models tiny --batch-sizes 8 --steps 2"
 else
     DTYPE=bf16; TRAIN="--models tiny,base --layouts 1x4 --batch-sizes 64 256 --workers 12 --steps 30"
-    EMBED="--tiles 16 64 --batch-sizes 16 64"; BASE="--model base --steps 300 --batch-size 64 --workers 12"
+    EMBED="--tiles 64 --batch-sizes 16 64"; EMBED1="--tiles 64 --batch-sizes 16"; BASE="--model base --steps 300 --batch-size 64 --workers 12"
+    PROFILE="--models tiny,base --batch-sizes 64 256 --steps 5"
 fi
 [ -n "$QUICK" ] && [ "$DEVICE" != cpu ] && TRAIN="--models base --layouts 1x4 --batch-sizes 64 --workers 12 --steps 20"
 step() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.txt"; }
@@ -43,8 +48,16 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | 
 
 step "embed-region throughput ($EMBED)"
 # shellcheck disable=SC2086
-timeout 180 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE --model base $EMBED \
+timeout 150 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE --model base $EMBED \
     2>&1 | tee "$OUT/embed_region.jsonl"
+# shellcheck disable=SC2086
+ANYSAT_BLOCK_READERS=1 timeout 60 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE \
+    --model base $EMBED1 2>&1 | tee -a "$OUT/embed_region.jsonl"
+
+step "training step, host against device ($PROFILE)"
+# shellcheck disable=SC2086
+timeout 75 $PY benchmarks/train_step_profile.py --device "$DEVICE" $PROFILE 2>&1 \
+    | grep -v USDT | tee "$OUT/train_step_profile.jsonl"
 
 step "ingest the bench chips (demo catalog, 120 m)"
 CHIPS=/tmp/bench-chips
