@@ -55,6 +55,7 @@ def run_case(specs, sampler, model_size: str, batch_size: int, device: torch.dev
     from anysat.model import build_model
     from anysat.train import JEPA, MultiBlockMasks
     from anysat.train.masks import context_validity
+    from anysat.train.trainer import adamw
 
     torch.manual_seed(0)
     batch = {k: v.to(device) for k, v in sampler.sample(batch_size).items()}
@@ -64,7 +65,7 @@ def run_case(specs, sampler, model_size: str, batch_size: int, device: torch.dev
     seen = {k: v.to(device) for k, v in context_validity(batch, series, 0.7, 0.7, generator).items()}
     jepa = JEPA(build_model(model_size, specs, seed=0)).to(device)
     params = [p for p in jepa.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = adamw(params, 1e-4, 0.04)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
