@@ -17,7 +17,7 @@ import numpy as np
 from shapely.geometry import shape
 
 from .. import storage
-from ..cube.batch import load_items_batch, load_tile_batch
+from ..cube.batch import load_block_batches, load_tile_batch
 from ..errors import NoItemsError, TileReadError, TilesFailedError
 from ..modalities import ModalitySpec
 from ..plan import RunPlan, fingerprint, fingerprint_hash, make_plan
@@ -92,34 +92,41 @@ def plan_ingest(request: RegionRequest) -> IngestPlan:
 
 
 def ingest_tiles(plan: IngestPlan, tile_ids: list[str]) -> list[dict]:
-    """Write the chips of some tiles (complete ones skipped); their index rows."""
+    """Write the chips of some tiles (complete ones skipped); their index rows. Chips are read
+    in the squares `embed` reads tiles in (`pipeline.read_blocks`): one read per asset and
+    square, and a chip's values do not depend on which chips are read with it."""
+    from ..pipeline import READ_THREADS, read_blocks   # the pipeline imports the model
+
     request = plan.request
     provider, specs = request.provider(), request.modality_specs()
     signer = url_signer(provider)
-    rows = []
+    rows, todo = [], []
     for tile_id in tile_ids:
-        tile = plan.run.tile(tile_id)
-        done = chip_record(plan.store_uri, tile.id)
+        done = chip_record(plan.store_uri, tile_id)
         if done is not None:
             rows.append({**done, "skipped": True})
-            continue
-        try:
-            batch, dates = load_items_batch(plan.run.items(tile_id), specs, tile,
-                                            naming=provider.naming, patch_url=signer,
-                                            time_bin=request.time_bin, backend=request.cube_backend)
-        except TileReadError as exc:  # this chip fails, the others go on; a rerun retries it
-            log.error("%s", exc)
-            rows.append({"id": tile_id, "failed": str(exc)})
-            continue
-        row = _write_chip(plan.store_uri, tile, batch, dates, specs, request.start, request.end,
-                          provider)
-        if row is not None:
-            rows.append(row)
+        else:
+            todo.append(plan.run.tile(tile_id))
+    for tiles, square in read_blocks(plan.run, todo):
+        loaded = load_block_batches([plan.run.items(t.id) for t in tiles], specs, tiles,
+                                    area=square, naming=provider.naming, patch_url=signer,
+                                    time_bin=request.time_bin, backend=request.cube_backend,
+                                    threads=READ_THREADS)
+        for tile, result in zip(tiles, loaded):
+            if isinstance(result, TileReadError):  # this chip fails, the others go on; a rerun retries it
+                log.error("%s", result)
+                rows.append({"id": tile.id, "failed": str(result)})
+                continue
+            row = _write_chip(plan.store_uri, tile, *result, specs, request.start, request.end,
+                              provider)
+            if row is not None:
+                rows.append(row)
     return rows
 
 
 def tile_batches(plan: IngestPlan) -> list[list[str]]:
-    n, ids = plan.request.tiles_per_batch, plan.tiles
+    """Chip ids in task-sized batches, in reading order (squares of chips, see `ingest_tiles`)."""
+    n, ids = plan.request.tiles_per_batch, plan.run.in_reading_order(plan.tiles)
     return [ids[i:i + n] for i in range(0, len(ids), n)]
 
 
