@@ -78,7 +78,8 @@ class RegionRequest(BaseModel):
                                                   "checkpoint) or a size name for a random "
                                                   "initialisation (tiny, small, base)")
     tiles_per_batch: int = Field(16, ge=1, description="tiles per task (a Prefect task run); "
-                                 "a multiple of 16: tiles are read in squares of 4 x 4")
+                                 "best a multiple of 16: tiles are read in squares of up to "
+                                 "4 x 4")
     batch_size: int = Field(4, ge=1, description="tiles per forward of the model")
     device: str = Field("cpu", description="cpu, cuda, cuda:N")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype of the "

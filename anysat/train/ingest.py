@@ -20,6 +20,7 @@ from .. import storage
 from ..cube.batch import load_block_batches, load_tile_batch
 from ..errors import NoItemsError, TileReadError, TilesFailedError
 from ..modalities import ModalitySpec
+from ..pipeline import READ_THREADS, read_blocks
 from ..plan import RunPlan, fingerprint, fingerprint_hash, make_plan
 from ..stac.providers import Provider
 from ..stac.signing import url_signer
@@ -95,8 +96,6 @@ def ingest_tiles(plan: IngestPlan, tile_ids: list[str]) -> list[dict]:
     """Write the chips of some tiles (complete ones skipped); their index rows. Chips are read
     in the squares `embed` reads tiles in (`pipeline.read_blocks`): one read per asset and
     square, and a chip's values do not depend on which chips are read with it."""
-    from ..pipeline import READ_THREADS, read_blocks   # the pipeline imports the model
-
     request = plan.request
     provider, specs = request.provider(), request.modality_specs()
     signer = url_signer(provider)
