@@ -25,7 +25,7 @@ import torch
 
 from . import geoparquet, lease, storage
 from .batch import stack_samples
-from .cube.batch import load_block_batches
+from .cube.batch import READ_THREADS, load_block_batches
 from .errors import (CheckpointError, NoItemsError, OutputNotWritableError, RequestError,
                      TileReadError, TilesFailedError)
 from .model import AnySat, load_model
@@ -41,12 +41,10 @@ from .products.zarr_layer import read_layer
 from .request import INT8_FROM_KM2, RegionRequest
 from .stac.search import no_items_message
 from .stac.signing import url_signer
-from .tiles import Tile, square_groups
+from .tiles import Tile
 
 log = logging.getLogger("anysat")
 PREFETCH_BATCHES = 1  # batches of tiles read ahead of the model (memory: 2 batches in hand)
-BLOCK_SIDE, BLOCK_KM2 = 4, 30.0  # tiles read as one block: 4 x 4 (and <= 30 km2): 10x faster reads
-READ_THREADS = min(8, os.cpu_count() or 1)  # threads reading one block's assets (see _read_odc)
 RUN_CHUNK_TILES = 256  # see tiles_per_call
 PREVIEW_MAX_SIDE = 2048  # pixels: previews and map PNGs of a continent stay small
 
@@ -98,11 +96,12 @@ def plan_run(request: RegionRequest, create_layers: bool = True) -> RunPlan:
 
 def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
     """Load (the plan's items), embed and write tiles, each then marked done (tiles already
-    done are skipped). Tiles are read in the squares of `read_blocks` (one read per asset for
-    a square, on READ_THREADS threads: `load_block_batches`); `batch_size` tiles go through
-    one forward. Beside an accelerator, the next squares are read while the model runs
-    (`block_readers()` at once, PREFETCH_BATCHES batches ahead at least: memory stays flat in the
-    number of tiles) and tiles are written on another thread while the next batch runs. A
+    done are skipped). Tiles are read in the squares of `plan.reading_blocks` (one read per
+    asset for a square, on READ_THREADS threads: `load_block_batches`); `batch_size` tiles go
+    through one forward. Beside an accelerator, the next squares are read while the model
+    runs (`block_readers()` at once, PREFETCH_BATCHES batches ahead at least: memory stays
+    flat in the number of tiles) and tiles are written on another thread while the next
+    batch runs. A
     model on the CPU already uses every core: there reads and writes take turns with it
     (`overlaps_io`)."""
     request = plan.request
@@ -120,7 +119,7 @@ def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
     provider, specs = request.provider(), request.modality_specs()
     signer = url_signer(provider)
     n = request.batch_size
-    blocks = read_blocks(plan, todo)
+    blocks = plan.reading_blocks(todo)
 
     def load(block: list[Tile], square: tuple[Tile, Tile]) -> list[tuple[Tile, dict, dict, float] | dict]:
         started = time.perf_counter()
@@ -204,21 +203,6 @@ class _InTurn(Executor):
 
 def _executor(workers: int, overlap: bool) -> Executor:
     return ThreadPoolExecutor(max_workers=workers) if overlap else _InTurn()
-
-
-def read_blocks(plan: RunPlan, tiles: list[Tile]) -> list[tuple[list[Tile], tuple[Tile, Tile]]]:
-    """The tiles grouped as they are read: by squares of BLOCK_SIDE x BLOCK_SIDE tiles from
-    their search block's north-west tile (smaller where BLOCK_KM2 would be passed: a block's
-    cubes are in memory at once), each group with the corners of its square cut to the search
-    block's tiles, whose box is read. Fixed by the plan: neither the batch size nor the tiles
-    a resumed run has left change what a tile reads."""
-    if not tiles:
-        return []
-    side = BLOCK_SIDE
-    while side > 1 and side * side * tiles[0].area_km2 > BLOCK_KM2:
-        side //= 2
-    blocks = plan.tiles.loc[[t.id for t in tiles], "block"]
-    return square_groups(tiles, [plan.block_extents[b] for b in blocks], side)
 
 
 def _embed_group(plan: RunPlan, model: AnySat, group: list[tuple[Tile, dict, dict, float]],

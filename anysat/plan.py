@@ -39,7 +39,7 @@ from .modalities import ModalitySpec
 from .products.zarr_layer import LayerGrid
 from .request import RegionRequest
 from .stac import search_sensors
-from .tiles import Tile, ZoneTiles, plan_zones, square_order
+from .tiles import Tile, ZoneTiles, plan_zones, square_groups, square_order
 
 log = logging.getLogger("anysat")
 
@@ -47,6 +47,7 @@ PLAN_VERSION = 1
 MAX_TILES = 5_000_000  # tiles one plan holds (its table is read whole by each worker)
 WARN_TILES = 100_000
 BLOCK_TILES = 16  # a block is up to 16 x 16 tiles of one zone's grid, searched once
+READ_SIDE, READ_KM2 = 4, 30.0  # tiles read as one box: 4 x 4 (and <= 30 km2): 10x faster reads
 # What the embeddings depend on; batch sizes, device and output location do not.
 FINGERPRINT_FIELDS = ("bbox", "geojson", "start", "end", "sensors", "patch_size_m",
                       "tile_size_m", "catalog", "model", "max_cloud", "time_bin",
@@ -123,7 +124,7 @@ class RunPlan:
     @cached_property
     def block_extents(self) -> dict[str, tuple[int, int, int, int]]:
         """Each search block's tiles' extent (west column, north row, east column, south
-        row): where its reading squares start and end (`pipeline.read_blocks`)."""
+        row): where its reading squares start and end (`reading_blocks`)."""
         g = self.tiles.groupby("block")
         extent = g.agg(west=("col", "min"), north=("row", "max"), east=("col", "max"),
                        south=("row", "min"))
@@ -141,6 +142,20 @@ class RunPlan:
                                  self.block_extents[block][:2], BLOCK_TILES)
             ordered += list(part.index[order])
         return ordered
+
+    def reading_blocks(self, tiles: list[Tile]) -> list[tuple[list[Tile], tuple[Tile, Tile]]]:
+        """The tiles grouped as they are read: by squares of READ_SIDE x READ_SIDE tiles from
+        their search block's north-west tile (smaller where READ_KM2 would be passed: a
+        block's cubes are in memory at once), each group with the corners of its square cut
+        to the search block's tiles, whose box is read. Fixed by the plan: neither the batch
+        size nor the tiles a resumed run has left change what a tile reads."""
+        if not tiles:
+            return []
+        side = READ_SIDE
+        while side > 1 and side * side * tiles[0].area_km2 > READ_KM2:
+            side //= 2
+        blocks = self.tiles.loc[[t.id for t in tiles], "block"]
+        return square_groups(tiles, [self.block_extents[b] for b in blocks], side)
 
     def tile(self, tile_id: str) -> Tile:
         row = self.tiles.loc[tile_id]

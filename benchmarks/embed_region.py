@@ -94,9 +94,9 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
 
     from anysat.cli import DEMO_DATES
     from anysat.batch import stack_samples
-    from anysat.cube.batch import load_block_batches
-    from anysat.pipeline import (READ_THREADS, block_readers, get_model, overlaps_io,
-                                 read_blocks, run_region, tile_batches, tiles_per_call)
+    from anysat.cube.batch import READ_THREADS, load_block_batches
+    from anysat.pipeline import (block_readers, get_model, overlaps_io, run_region, tile_batches,
+                                 tiles_per_call)
     from anysat.plan import read_plan
     from anysat.request import RegionRequest
     from anysat.stac import resolve_provider
@@ -118,7 +118,7 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
         # alone on the same tiles, batched the same way
         plan, provider, specs = read_plan(out, request), resolve_provider(catalog), request.modality_specs()
         blocks = [block for ids in tile_batches(plan, tiles_per_call(request))
-                  for block in read_blocks(plan, list(map(plan.tile, ids)))]
+                  for block in plan.reading_blocks(list(map(plan.tile, ids)))]
         readers = block_readers() if overlaps_io(net) else 1  # blocks at once, as the run reads
 
         def read(block):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ from .composite import bin_time
 from .load import load_cube, read_cube, solar_day
 
 log = logging.getLogger("anysat")
+READ_THREADS = min(8, os.cpu_count() or 1)  # threads reading one block's assets (see _read_odc)
 
 
 def days_since_epoch(times: np.ndarray) -> torch.Tensor:

@@ -17,10 +17,9 @@ import numpy as np
 from shapely.geometry import shape
 
 from .. import storage
-from ..cube.batch import load_block_batches, load_tile_batch
+from ..cube.batch import READ_THREADS, load_block_batches, load_tile_batch
 from ..errors import NoItemsError, TileReadError, TilesFailedError
 from ..modalities import ModalitySpec
-from ..pipeline import READ_THREADS, read_blocks
 from ..plan import RunPlan, fingerprint, fingerprint_hash, make_plan
 from ..stac.providers import Provider
 from ..stac.signing import url_signer
@@ -94,7 +93,7 @@ def plan_ingest(request: RegionRequest) -> IngestPlan:
 
 def ingest_tiles(plan: IngestPlan, tile_ids: list[str]) -> list[dict]:
     """Write the chips of some tiles (complete ones skipped); their index rows. Chips are read
-    in the squares `embed` reads tiles in (`pipeline.read_blocks`): one read per asset and
+    in the squares `embed` reads tiles in (`RunPlan.reading_blocks`): one read per asset and
     square, and a chip's values do not depend on which chips are read with it."""
     request = plan.request
     provider, specs = request.provider(), request.modality_specs()
@@ -106,7 +105,7 @@ def ingest_tiles(plan: IngestPlan, tile_ids: list[str]) -> list[dict]:
             rows.append({**done, "skipped": True})
         else:
             todo.append(plan.run.tile(tile_id))
-    for tiles, square in read_blocks(plan.run, todo):
+    for tiles, square in plan.run.reading_blocks(todo):
         loaded = load_block_batches([plan.run.items(t.id) for t in tiles], specs, tiles,
                                     area=square, naming=provider.naming, patch_url=signer,
                                     time_bin=request.time_bin, backend=request.cube_backend,
