@@ -43,3 +43,7 @@ class TileReadError(AnySatError):
 
 class TilesFailedError(AnySatError):
     """Some tiles of a run failed; the others are done and a rerun retries only these."""
+
+
+class ReaderDiedError(AnySatError):
+    """A block reader process died under a run (killed, out of memory)."""

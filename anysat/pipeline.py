@@ -12,11 +12,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -25,9 +24,8 @@ import torch
 
 from . import geoparquet, lease, storage
 from .batch import stack_samples
-from .cube.batch import READ_THREADS, load_block_batches
 from .errors import (CheckpointError, NoItemsError, OutputNotWritableError, RequestError,
-                     TileReadError, TilesFailedError)
+                     TilesFailedError)
 from .model import AnySat, load_model
 from .model.checkpoint import weights_sha256
 from .modalities import resolve_sensors
@@ -38,9 +36,9 @@ from .products.stac import write_stac
 from .redact import without_secrets
 from .products.vectors import layer_vectors
 from .products.zarr_layer import read_layer
+from .readers import BlockReaders, InTurn
 from .request import INT8_FROM_KM2, RegionRequest
 from .stac.search import no_items_message
-from .stac.signing import url_signer
 from .tiles import Tile
 
 log = logging.getLogger("anysat")
@@ -97,11 +95,10 @@ def plan_run(request: RegionRequest, create_layers: bool = True) -> RunPlan:
 def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
     """Load (the plan's items), embed and write tiles, each then marked done (tiles already
     done are skipped). Tiles are read in the squares of `plan.reading_blocks` (one read per
-    asset for a square, on READ_THREADS threads: `load_block_batches`); `batch_size` tiles go
-    through one forward. Beside an accelerator, the next squares are read while the model
-    runs (`block_readers()` at once, PREFETCH_BATCHES batches ahead at least: memory stays
-    flat in the number of tiles) and tiles are written on another thread while the next
-    batch runs. A
+    asset for a square: `readers.read_square`); `batch_size` tiles go through one forward.
+    Beside an accelerator, the next squares are read while the model runs (`BlockReaders`:
+    reader processes, PREFETCH_BATCHES batches ahead at least, so memory stays flat in the
+    number of tiles) and tiles are written on another thread while the next batch runs. A
     model on the CPU already uses every core: there reads and writes take turns with it
     (`overlaps_io`)."""
     request = plan.request
@@ -116,34 +113,14 @@ def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
     if not todo:
         return results
     model = get_model(request.model, request.sensors, request.device)
-    provider, specs = request.provider(), request.modality_specs()
-    signer = url_signer(provider)
     n = request.batch_size
     blocks = plan.reading_blocks(todo)
-
-    def load(block: list[Tile], square: tuple[Tile, Tile]) -> list[tuple[Tile, dict, dict, float] | dict]:
-        started = time.perf_counter()
-        loaded = load_block_batches([plan.items(t.id) for t in block], specs, block, area=square,
-                                    naming=provider.naming, patch_url=signer,
-                                    time_bin=request.time_bin, backend=request.cube_backend,
-                                    threads=READ_THREADS)
-        seconds = (time.perf_counter() - started) / len(block)
-        out = []
-        for tile, result in zip(block, loaded):
-            if isinstance(result, TileReadError):  # this tile fails, the others go on; a rerun retries it
-                log.error("%s", result)
-                out.append({"tile": tile.id, "failed": str(result), "area_km2": tile.area_km2})
-            else:
-                out.append((tile, *result, seconds))
-        return out
-
     overlap = overlaps_io(model)
-    readers = block_readers() if overlap else 1
-    # tiles read ahead of the forward: a batch's worth, and every reader busy with a block
-    ahead = max(PREFETCH_BATCHES * n, readers * max((len(b) for b, _ in blocks), default=1))
     in_hand: list = []
     writes: deque = deque()
-    with _executor(readers, overlap) as reader, _executor(1, overlap) as writer:
+    with BlockReaders(plan, overlap) as readers, _writer(overlap) as writer:
+        # tiles read ahead of the forward: a batch's worth, and every reader busy with a block
+        ahead = max(PREFETCH_BATCHES * n, readers.workers * max(len(b) for b, _ in blocks))
 
         def write(*args) -> None:  # off the model's path; at most a batch of tiles behind
             while len(writes) >= n:
@@ -155,14 +132,14 @@ def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
         while True:
             while queued and sum(len(block) for _, block in pending) < ahead:
                 block, square = queued.popleft()
-                pending.append((reader.submit(load, block, square), block))
+                pending.append((readers.submit(block, square), block))
             if len(in_hand) >= n or not pending:  # a forward's worth, or the last tiles
                 if not in_hand:
                     break
                 group, in_hand = in_hand[:n], in_hand[n:]
                 _embed_group(plan, model, group, write)
                 continue
-            for loaded in pending.popleft()[0].result():
+            for loaded in readers.result(pending.popleft()[0]):
                 (results if isinstance(loaded, dict) else in_hand).append(loaded)
         results += [w.result() for w in writes]
     return results
@@ -175,34 +152,8 @@ def overlaps_io(model: AnySat) -> bool:
     return next(model.parameters()).device.type != "cpu"
 
 
-def block_readers() -> int:
-    """Blocks read at once beside an accelerator: `ANYSAT_BLOCK_READERS`, by default one per 4
-    cores, up to 4 (on 2 cores, 2 readers read 1.26x as fast as 1; reads of remote COGs,
-    which mostly wait on the network, may want more)."""
-    value = os.environ.get("ANYSAT_BLOCK_READERS", "")
-    if not value:
-        return max(1, min(4, (os.cpu_count() or 1) // 4))
-    if not value.isdigit() or int(value) < 1:
-        raise RequestError(f"ANYSAT_BLOCK_READERS={value!r}: give a whole number of blocks "
-                           "read at once, 1 or more")
-    return int(value)
-
-
-class _InTurn(Executor):
-    """Runs each call at once in the caller's thread (reads and writes in turn with the
-    model), behind the same interface as the thread pools that overlap them."""
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except Exception as exc:  # noqa: BLE001 - raised where the result is taken, as a pool's
-            future.set_exception(exc)
-        return future
-
-
-def _executor(workers: int, overlap: bool) -> Executor:
-    return ThreadPoolExecutor(max_workers=workers) if overlap else _InTurn()
+def _writer(overlap: bool) -> Executor:
+    return ThreadPoolExecutor(max_workers=1) if overlap else InTurn()
 
 
 def _embed_group(plan: RunPlan, model: AnySat, group: list[tuple[Tile, dict, dict, float]],

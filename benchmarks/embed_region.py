@@ -9,7 +9,8 @@ the shipped checkpoint, S2 + S1 + DEM, 30 m patches. Each case runs in a fresh p
 forward), device, dtype, area_km2, seconds, km2_per_s (end to end: plan, reads, forward,
 writes), model_km2_per_s (the forward alone, on the same tiles' batches, same batch size),
 read_km2_per_s (the cube reads alone, in the run's blocks, on read_threads threads each,
-read_workers blocks at once: several beside an accelerator, one in turn with a CPU model),
+read_workers blocks at once in read_pool: reader processes or threads beside an accelerator,
+one in turn with a CPU model; reader processes are started before timing, like the model),
 peak_rss_mb, and for the products asked (`--products`, besides the preview, which is always
 made) the seconds per tile of each and `products_share`: their part of the end-to-end time.
 
@@ -30,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -94,12 +94,11 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
 
     from anysat.cli import DEMO_DATES
     from anysat.batch import stack_samples
-    from anysat.cube.batch import READ_THREADS, load_block_batches
-    from anysat.pipeline import (block_readers, get_model, overlaps_io, run_region, tile_batches,
-                                 tiles_per_call)
+    from anysat.cube.batch import READ_THREADS
+    from anysat.pipeline import get_model, overlaps_io, run_region, tile_batches, tiles_per_call
+    from anysat.readers import BlockReaders, block_readers, reader_pool, start_readers
     from anysat.plan import read_plan
     from anysat.request import RegionRequest
-    from anysat.stac import resolve_provider
 
     logging.disable(logging.WARNING)  # the generated catalog has no cloud-mask asset
     with tempfile.TemporaryDirectory() as out:
@@ -109,6 +108,8 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
                                       tiles_per_batch=max(batch_size, 16), products=products,
                                       quantize=quantize)
         net = get_model(request.model, request.sensors, request.device)  # loaded before timing
+        if overlaps_io(net) and reader_pool() == "processes":
+            start_readers(block_readers())
         started = time.perf_counter()
         manifest = run_region(request)
         seconds = time.perf_counter() - started
@@ -116,20 +117,13 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
         assert manifest["tiles"] == tiles, manifest["tiles"]
         # the reads alone (the same blocks, threads and items as the run), then the forward
         # alone on the same tiles, batched the same way
-        plan, provider, specs = read_plan(out, request), resolve_provider(catalog), request.modality_specs()
+        plan = read_plan(out, request)
         blocks = [block for ids in tile_batches(plan, tiles_per_call(request))
                   for block in plan.reading_blocks(list(map(plan.tile, ids)))]
-        readers = block_readers() if overlaps_io(net) else 1  # blocks at once, as the run reads
-
-        def read(block):
-            tiles_read, square = block
-            return [batch for batch, _ in load_block_batches(
-                [plan.items(t.id) for t in tiles_read], specs, tiles_read, area=square,
-                naming=provider.naming, threads=READ_THREADS)]
-
         begun = time.perf_counter()
-        with ThreadPoolExecutor(readers) as pool:
-            samples = [batch for batches in pool.map(read, blocks) for batch in batches]
+        with BlockReaders(plan, overlaps_io(net)) as readers:  # as the run reads
+            futures = [readers.submit(*block) for block in blocks]
+            samples = [batch for future in futures for _, batch, _, _ in readers.result(future)]
         reads = time.perf_counter() - begun
         cast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
         forward = 0.0
@@ -151,7 +145,7 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
             "torch_threads": torch.get_num_threads(), "seconds": round(seconds, 2),
             "km2_per_s": round(area / seconds, 4), "model_km2_per_s": round(area / forward, 4),
             "read_km2_per_s": round(area / reads, 4), "read_threads": READ_THREADS,
-            "read_workers": readers,
+            "read_workers": readers.workers, "read_pool": readers.kind,
             "peak_rss_mb": round(peak_rss_mb, 1), "quantize": quantize,
             **{f"{k}_s_per_tile": round(v / tiles, 4) for k, v in product_s.items()},
             "products_share": round(sum(product_s.values()) / seconds, 4)}

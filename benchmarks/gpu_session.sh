@@ -2,15 +2,16 @@
 # Every GPU check the open work needs, as one script for one call of the device tool (a lent
 # GPU machine: torch there, the rest from .whl/site.tar.xz, made here by gpu_wheels.sh):
 #   1. embed-region throughput, base, bf16, 64 tiles at 16 and 64 tiles per forward, with
-#      the default block readers and with one: km2/s end to end, forward only and reads only
-#      (benchmarks/embed_region.py);
+#      reader processes (default) and reader threads: km2/s end to end, forward only and reads
+#      only (benchmarks/embed_region.py); then the reads alone, processes against threads, 1 to
+#      8 readers (benchmarks/block_reads.py: does reading scale to the host's cores?);
 #   2. a training step's host and device time, tiny and base, batch 64 and 256
 #      (benchmarks/train_step_profile.py);
 #   3. pretraining throughput, tiny and base, bf16, batch 64 and 256: samples/s, GPU busy,
 #      loader wait (benchmarks/train_throughput.py, chips ingested there in the current format);
 #   4. a short base pretraining on the shipped checkpoint's data and its probe table.
 # Each step has its own time limit, and writes what it measured under $OUT as it goes, so a
-# step cut short still leaves the others' lines (9 files).
+# step cut short still leaves the others' lines (10 files).
 # About 7 minutes on an H100 (2026-11-26: 8 min, with tile-by-tile reads, and the evaluation
 # then on the CPU was cut at 90 s).
 #
@@ -31,11 +32,11 @@ if [ -z "${PY:-}" ]; then  # the device machine: its python3, and the packages c
 fi
 if [ "$DEVICE" = cpu ]; then
     DTYPE=fp32; TRAIN="--models tiny --layouts 1x2 --batch-sizes 8 --workers 1 --steps 20"
-    EMBED="--tiles 4 --batch-sizes 4"; EMBED1=$EMBED; BASE="--model tiny --steps 20 --batch-size 8 --workers 1"
+    EMBED="--tiles 4 --batch-sizes 4"; EMBED1=$EMBED; READERS="--workers 1 2"; BASE="--model tiny --steps 20 --batch-size 8 --workers 1"
     PROFILE="--models tiny --batch-sizes 8 --steps 2"
 else
     DTYPE=bf16; TRAIN="--models tiny,base --layouts 1x4 --batch-sizes 64 256 --workers 12 --steps 30"
-    EMBED="--tiles 64 --batch-sizes 16 64"; EMBED1="--tiles 64 --batch-sizes 16"; BASE="--model base --steps 300 --batch-size 64 --workers 12"
+    EMBED="--tiles 64 --batch-sizes 16 64"; EMBED1="--tiles 64 --batch-sizes 16"; READERS="--workers 1 2 4 8"; BASE="--model base --steps 300 --batch-size 64 --workers 12"
     PROFILE="--models tiny,base --batch-sizes 64 256 --steps 5"
 fi
 [ -n "$QUICK" ] && [ "$DEVICE" != cpu ] && TRAIN="--models base --layouts 1x4 --batch-sizes 64 --workers 12 --steps 20"
@@ -51,8 +52,12 @@ step "embed-region throughput ($EMBED)"
 timeout 150 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE --model base $EMBED \
     2>&1 | tee "$OUT/embed_region.jsonl"
 # shellcheck disable=SC2086
-ANYSAT_BLOCK_READERS=1 timeout 60 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE \
+ANYSAT_READER_POOL=threads timeout 60 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE \
     --model base $EMBED1 2>&1 | tee -a "$OUT/embed_region.jsonl"
+
+step "reads alone, reader processes against threads ($READERS)"
+# shellcheck disable=SC2086
+timeout 100 $PY benchmarks/block_reads.py $READERS 2>&1 | tee "$OUT/block_reads.jsonl"
 
 step "training step, host against device ($PROFILE)"
 # shellcheck disable=SC2086

@@ -1,5 +1,6 @@
 """Many tiles per forward writes the same layer as one tile per forward, and reads and writes
-beside the model (as on an accelerator) the same as in turns with it (as on the CPU)."""
+beside the model (as on an accelerator: reader processes or threads) the same as in turns with
+it (as on the CPU)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ pytestmark = pytest.mark.integration
 
 def test_batched_inference_equals_one_tile_per_forward(tmp_path, monkeypatch):
     layers = {}
+    monkeypatch.setenv("ANYSAT_BLOCK_READERS", "2")
     for name, batch_size, overlapped in (("one", 1, False), ("four", 4, False),
-                                         ("overlapped", 4, True)):
+                                         ("processes", 4, True), ("threads", 4, True)):
         monkeypatch.setattr(pipeline, "overlaps_io", lambda model: overlapped)
-        monkeypatch.setenv("ANYSAT_BLOCK_READERS", "2")
+        monkeypatch.setenv("ANYSAT_READER_POOL", "threads" if name == "threads" else "processes")
         request = RegionRequest.build(bbox=DEMO_BBOX, start=DEMO_DATES[0], end=DEMO_DATES[1],
                                       patch_size_m=60.0, tiles_per_batch=9, batch_size=batch_size,
                                       tile_size_m=240.0, output_uri=str(tmp_path / name))
@@ -30,7 +32,30 @@ def test_batched_inference_equals_one_tile_per_forward(tmp_path, monkeypatch):
     one, four = layers["one"], layers["four"]
     assert np.array_equal(np.isnan(one), np.isnan(four)) and np.isfinite(one).any()
     np.testing.assert_allclose(four, one, rtol=1e-4, atol=1e-5)   # float32 batched matmuls
-    np.testing.assert_array_equal(layers["overlapped"], four)   # the same reads and forwards
+    np.testing.assert_array_equal(layers["processes"], four)   # the same reads and forwards
+    np.testing.assert_array_equal(layers["threads"], four)
+
+
+def test_a_killed_reader_process_is_a_clear_error_and_a_rerun_completes(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from anysat import readers
+    from anysat.errors import ReaderDiedError
+
+    monkeypatch.setattr(pipeline, "overlaps_io", lambda model: True)
+    monkeypatch.setenv("ANYSAT_BLOCK_READERS", "1")
+    monkeypatch.delenv("ANYSAT_READER_POOL", raising=False)
+    readers.start_readers(1)
+    for process in list(readers._pools[1]._processes.values()):  # as the OOM killer would
+        os.kill(process.pid, signal.SIGKILL)
+        process.join()
+    request = RegionRequest.build(bbox=DEMO_BBOX, start=DEMO_DATES[0], end=DEMO_DATES[1],
+                                  patch_size_m=60.0, tile_size_m=240.0, output_uri=str(tmp_path))
+    with pytest.raises(ReaderDiedError, match="reader process died.*rerun the same command"):
+        run_region(request)
+    manifest = run_region(request)   # fresh readers
+    assert manifest["tiles"] == 25   # every tile done (a failed one would raise)
 
 
 def test_a_device_this_machine_lacks_is_a_clear_error():

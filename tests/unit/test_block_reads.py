@@ -111,13 +111,20 @@ def test_square_groups_and_reading_order():
 
 def test_block_readers_from_the_environment(monkeypatch):
     from anysat.errors import RequestError
-    from anysat.pipeline import block_readers
+    from anysat.readers import block_readers, reader_pool
 
     monkeypatch.setenv("ANYSAT_BLOCK_READERS", "3")
     assert block_readers() == 3
     monkeypatch.delenv("ANYSAT_BLOCK_READERS")
-    assert 1 <= block_readers() <= 4
+    assert 1 <= block_readers() <= 8
     for bad in ("0", "two", "-1"):
         monkeypatch.setenv("ANYSAT_BLOCK_READERS", bad)
         with pytest.raises(RequestError, match="ANYSAT_BLOCK_READERS"):
             block_readers()
+    monkeypatch.delenv("ANYSAT_READER_POOL", raising=False)
+    assert reader_pool() == "processes"
+    monkeypatch.setenv("ANYSAT_READER_POOL", "threads")
+    assert reader_pool() == "threads"
+    monkeypatch.setenv("ANYSAT_READER_POOL", "fork")
+    with pytest.raises(RequestError, match="ANYSAT_READER_POOL='fork': give one of processes, threads"):
+        reader_pool()

@@ -1,0 +1,180 @@
+"""Where a run's squares of tiles are read: in turn with a model on the CPU (it uses every
+core), and beside a model on an accelerator in reader processes (default) or threads.
+
+Processes, because a block read holds Python's GIL for about 60 % of its time (odc-stac's
+per-asset set-up, GDAL's opens; py-spy --gil on the demo's squares): reader threads then wait
+on each other and on the thread that drives the device. On 2 cores, the reads alone of 64
+tiles in squares of 16 (benchmarks/block_reads.py): 7.6-8.1 km2/s on one reader, 9.3 on two
+threads, 12.8 on two processes.
+A batch comes back through shared memory (torch's tensor pickling), not copied through a pipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import torch
+
+from .cube.batch import READ_THREADS, load_block_batches
+from .errors import ReaderDiedError, RequestError, TileReadError
+from .plan import RunPlan, plan_for_worker
+from .redact import redact_logs
+from .stac.signing import url_signer
+from .tiles import Tile
+
+log = logging.getLogger("anysat")
+POOLS = ("processes", "threads")
+_said_threads: list[bool] = []
+Loaded = list  # per tile of the square: (tile, batch, dates, seconds) or {"tile", "failed", ...}
+
+
+def block_readers() -> int:
+    """Squares read at once beside an accelerator: `ANYSAT_BLOCK_READERS`, by default one
+    per 2 cores, up to 8 (a 16-core GPU host: 8; each reader holds about one square)."""
+    value = os.environ.get("ANYSAT_BLOCK_READERS", "")
+    if not value:
+        return max(1, min(8, (os.cpu_count() or 1) // 2))
+    if not value.isdigit() or int(value) < 1:
+        raise RequestError(f"ANYSAT_BLOCK_READERS={value!r}: give a whole number of blocks "
+                           "read at once, 1 or more")
+    return int(value)
+
+
+def reader_pool() -> str:
+    """`ANYSAT_READER_POOL`: processes (default) or threads. Threads where this process may
+    not start processes (a daemonic one: a Dask worker's, unless `distributed.worker.daemon`
+    is false)."""
+    value = os.environ.get("ANYSAT_READER_POOL", "") or "processes"
+    if value not in POOLS:
+        raise RequestError(f"ANYSAT_READER_POOL={value!r}: give one of {', '.join(POOLS)}")
+    if value == "processes" and multiprocessing.current_process().daemon:
+        if not _said_threads:
+            _said_threads.append(True)
+            log.info("block readers: threads (a daemonic process, such as a Dask worker's, "
+                     "cannot start reader processes; Dask: distributed.worker.daemon false)")
+        return "threads"
+    return value
+
+
+def read_square(plan: RunPlan, tiles: list[Tile], square: tuple[Tile, Tile]) -> Loaded:
+    """The tiles of one reading square (`RunPlan.reading_blocks`), read as one block from
+    the plan's items: each tile's batch, dates and read seconds, or its failure."""
+    request = plan.request
+    provider = request.provider()
+    started = time.perf_counter()
+    loaded = load_block_batches([plan.items(t.id) for t in tiles], request.modality_specs(),
+                                tiles, area=square, naming=provider.naming,
+                                patch_url=url_signer(provider), time_bin=request.time_bin,
+                                backend=request.cube_backend, threads=READ_THREADS)
+    seconds = (time.perf_counter() - started) / len(tiles)
+    out: Loaded = []
+    for tile, result in zip(tiles, loaded):
+        if isinstance(result, TileReadError):  # this tile fails, the others go on; a rerun retries it
+            log.error("%s", result)
+            out.append({"tile": tile.id, "failed": str(result), "area_km2": tile.area_km2})
+        else:
+            out.append((tile, *result, seconds))
+    return out
+
+
+def _read_in_process(request, plan_hash: str, plan_uri: str, tiles: list[Tile],
+                     square: tuple[Tile, Tile]) -> Loaded:
+    return read_square(plan_for_worker(request, plan_hash, plan_uri), tiles, square)
+
+
+def _start_reader(level: int) -> None:
+    torch.set_num_threads(1)  # the parent's cores are for its model and the other readers
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    log.setLevel(level)
+    redact_logs(log)
+
+
+_pools: dict[int, ProcessPoolExecutor] = {}
+_lock = threading.Lock()
+
+
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    """One pool per process and size, kept between calls (a reader starts in seconds: it
+    imports torch, GDAL and odc-stac). forkserver, not fork: a fork of a process whose
+    OpenMP threads have run hangs (seen: the child stuck in torch.isfinite). As with spawn,
+    a reader imports the main script: one that calls anysat needs a `__main__` guard."""
+    with _lock:
+        if workers not in _pools:
+            _pools[workers] = ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("forkserver"),
+                initializer=_start_reader, initargs=(log.getEffectiveLevel(),))
+        return _pools[workers]
+
+
+def start_readers(workers: int) -> None:
+    """Start the reader processes now and wait until they are up (a benchmark, like a model
+    loaded before timing, leaves their start-up out)."""
+    pool = _process_pool(workers)
+    for future in [pool.submit(int) for _ in range(workers)]:
+        future.result()
+
+
+class InTurn(Executor):
+    """Runs each call at once in the caller's thread (reads and writes in turn with the
+    model), behind the same interface as the pools that overlap them."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - raised where the result is taken, as a pool's
+            future.set_exception(exc)
+        return future
+
+
+class BlockReaders:
+    """Reads a run's squares: `submit(tiles, square)` now, `result(future)` when needed.
+    `overlap` False: in the caller's thread, at submit. True: `block_readers()` at once, in
+    the `reader_pool()` kind. A context manager, like the executors it wraps."""
+
+    def __init__(self, plan: RunPlan, overlap: bool):
+        self.plan = plan
+        self.workers = block_readers() if overlap else 1
+        self.kind = reader_pool() if overlap else "in turn"
+        self._executor: Executor = {"in turn": InTurn, "threads": lambda: ThreadPoolExecutor(
+            self.workers)}.get(self.kind, lambda: _process_pool(self.workers))()
+
+    def __enter__(self) -> BlockReaders:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.kind != "processes":  # the process pool stays for the next call
+            self._executor.shutdown()
+
+    def submit(self, tiles: list[Tile], square: tuple[Tile, Tile]) -> Future:
+        if self.kind != "processes":
+            return self._executor.submit(read_square, self.plan, tiles, square)
+        plan = self.plan
+        try:
+            return self._executor.submit(_read_in_process, plan.request, plan.hash, plan.uri,
+                                         tiles, square)
+        except BrokenProcessPool:
+            raise self._died() from None
+
+    def result(self, future: Future) -> Loaded:
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise self._died() from None
+
+    def _died(self) -> ReaderDiedError:
+        with _lock:
+            if _pools.get(self.workers) is self._executor:
+                del _pools[self.workers]  # the next run starts fresh readers
+        return ReaderDiedError(
+            "a block reader process died during the run: killed (out of memory? fewer readers: "
+            "ANYSAT_BLOCK_READERS, or ANYSAT_READER_POOL=threads), or it could not start (a "
+            "script that calls anysat must run it under `if __name__ == \"__main__\":`, as "
+            "reader processes import the script); the tiles written so far are kept, rerun the "
+            "same command to resume")
