@@ -45,5 +45,6 @@ class TilesFailedError(AnySatError):
     """Some tiles of a run failed; the others are done and a rerun retries only these."""
 
 
-class ReaderDiedError(AnySatError):
-    """A block reader process died under a run (killed, out of memory)."""
+class BlockReaderError(AnySatError):
+    """The block reader processes failed: one died (killed, out of memory), or /dev/shm cannot
+    hold the batches they hand back."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -22,7 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 import torch
 
 from .cube.batch import READ_THREADS, load_block_batches
-from .errors import ReaderDiedError, RequestError, TileReadError
+from .errors import BlockReaderError, RequestError, TileReadError
 from .plan import RunPlan, plan_for_worker
 from .redact import redact_logs
 from .stac.signing import url_signer
@@ -64,7 +65,8 @@ def reader_pool() -> str:
 
 def read_square(plan: RunPlan, tiles: list[Tile], square: tuple[Tile, Tile]) -> Loaded:
     """The tiles of one reading square (`RunPlan.reading_blocks`), read as one block from
-    the plan's items: each tile's batch, dates and read seconds, or its failure."""
+    the plan's items: each tile's batch, dates and read seconds, or its failure (logged by
+    `BlockReaders.result`, in the run's process)."""
     request = plan.request
     provider = request.provider()
     started = time.perf_counter()
@@ -76,7 +78,6 @@ def read_square(plan: RunPlan, tiles: list[Tile], square: tuple[Tile, Tile]) -> 
     out: Loaded = []
     for tile, result in zip(tiles, loaded):
         if isinstance(result, TileReadError):  # this tile fails, the others go on; a rerun retries it
-            log.error("%s", result)
             out.append({"tile": tile.id, "failed": str(result), "area_km2": tile.area_km2})
         else:
             out.append((tile, *result, seconds))
@@ -120,6 +121,18 @@ def start_readers(workers: int) -> None:
         future.result()
 
 
+def _shm_full(exc: RuntimeError) -> BlockReaderError:
+    room = ""
+    if os.path.isdir("/dev/shm"):
+        usage = shutil.disk_usage("/dev/shm")
+        room = f" ({usage.free / 2**20:,.0f} MB free of {usage.total / 2**20:,.0f} MB)"
+    return BlockReaderError(
+        f"reader processes cannot hand their batches back: /dev/shm is full{room} ({exc}). "
+        "Give it room (docker run --shm-size=8g; on Kubernetes a memory-backed emptyDir at "
+        "/dev/shm), or read with fewer readers (ANYSAT_BLOCK_READERS) or on threads "
+        "(ANYSAT_READER_POOL=threads); rerun the same command to resume")
+
+
 class InTurn(Executor):
     """Runs each call at once in the caller's thread (reads and writes in turn with the
     model), behind the same interface as the pools that overlap them."""
@@ -142,8 +155,12 @@ class BlockReaders:
         self.plan = plan
         self.workers = block_readers() if overlap else 1
         self.kind = reader_pool() if overlap else "in turn"
-        self._executor: Executor = {"in turn": InTurn, "threads": lambda: ThreadPoolExecutor(
-            self.workers)}.get(self.kind, lambda: _process_pool(self.workers))()
+        if self.kind == "processes":
+            self._executor: Executor = _process_pool(self.workers)
+        elif self.kind == "threads":
+            self._executor = ThreadPoolExecutor(self.workers)
+        else:
+            self._executor = InTurn()
 
     def __enter__(self) -> BlockReaders:
         return self
@@ -164,15 +181,22 @@ class BlockReaders:
 
     def result(self, future: Future) -> Loaded:
         try:
-            return future.result()
+            loaded = future.result()
         except BrokenProcessPool:
             raise self._died() from None
+        except RuntimeError as exc:
+            if self.kind == "processes" and "shared memory" in str(exc):
+                raise _shm_full(exc) from None
+            raise
+        for failed in (r for r in loaded if isinstance(r, dict)):
+            log.error("%s", failed["failed"])
+        return loaded
 
-    def _died(self) -> ReaderDiedError:
+    def _died(self) -> BlockReaderError:
         with _lock:
             if _pools.get(self.workers) is self._executor:
                 del _pools[self.workers]  # the next run starts fresh readers
-        return ReaderDiedError(
+        return BlockReaderError(
             "a block reader process died during the run: killed (out of memory? fewer readers: "
             "ANYSAT_BLOCK_READERS, or ANYSAT_READER_POOL=threads), or it could not start (a "
             "script that calls anysat must run it under `if __name__ == \"__main__\":`, as "

@@ -1,7 +1,8 @@
 """Where a JEPA training step's time goes, host against device (torch.profiler): one JSON line
 per model and batch size.
 
-The step is the trainer's (bf16 autocast on a GPU, backward, clipping, AdamW, EMA update) on
+The step is the trainer's (`forward_loss` in bf16 autocast on a GPU, backward,
+`apply_gradients`: clipping, fused AdamW, EMA update) on
 chips of the demo's central tile (S2 + S1 + DEM, 120 m chips, 30 m patches, I-JEPA masks and
 context dates drawn as the loader draws them), on fixed shapes, so only the step is measured.
 Keys: model, batch_size, device, dtype, ops_per_step (torch ops dispatched, views included),
@@ -55,26 +56,24 @@ def run_case(specs, sampler, model_size: str, batch_size: int, device: torch.dev
     from anysat.model import build_model
     from anysat.train import JEPA, MultiBlockMasks
     from anysat.train.masks import context_validity
-    from anysat.train.trainer import adamw
+    from anysat.train.trainer import adamw, apply_gradients, forward_loss, prepare_device
 
     torch.manual_seed(0)
+    prepare_device(device)
     batch = {k: v.to(device) for k, v in sampler.sample(batch_size).items()}
     series = {s.name: s.time_series for s in specs}
     generator = torch.Generator().manual_seed(0)
-    masks = tuple(m.to(device) for m in MultiBlockMasks()(batch_size, 4, generator))
-    seen = {k: v.to(device) for k, v in context_validity(batch, series, 0.7, 0.7, generator).items()}
+    item = {"batch": batch, "patch_size_m": 30,  # a loader item, already on the device
+            "masks": tuple(m.to(device) for m in MultiBlockMasks()(batch_size, 4, generator)),
+            "context_valid": {k: v.to(device) for k, v in
+                              context_validity(batch, series, 0.7, 0.7, generator).items()}}
     jepa = JEPA(build_model(model_size, specs, seed=0)).to(device)
-    params = [p for p in jepa.parameters() if p.requires_grad]
+    params = [*jepa.encoder.parameters(), *jepa.predictor.parameters()]  # as the trainer's
     optimizer = adamw(params, 1e-4, 0.04)
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = jepa(batch, 30, None, masks, seen, False)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        jepa.update_target(0.996)
+    def step():  # the trainer's step, without DDP and accumulation
+        forward_loss(jepa, item, device, bf16, False)["loss"].backward()
+        apply_gradients(jepa, params, optimizer, 0.996)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):  # warm-up: allocator, kernels chosen

@@ -181,11 +181,7 @@ def train(cfg: TrainConfig) -> dict:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        # Batch shapes change every step (crop, patch size, context size): cuDNN's attention
-        # builds a plan per new shape on the CPU, 115 ms of a 330 ms step (base, batch 64,
-        # H100 profile); the flash and memory-efficient kernels need none.
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    prepare_device(device)
     cfg.out = storage.normalize_uri(cfg.out)
     prepared = prepare(cfg, world)
     model, checkpoint = prepared.model, prepared.checkpoint
@@ -241,15 +237,10 @@ def train(cfg: TrainConfig) -> dict:
             sync = (net.no_sync() if world > 1 and micro < cfg.accumulation - 1
                     else contextlib.nullcontext())
             with sync:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    out = net(_to(item["batch"], device), item["patch_size_m"], None,
-                              tuple(m.to(device, non_blocking=True) for m in item["masks"]),
-                              _to(item["context_valid"], device), logging_step)
+                out = forward_loss(net, item, device, bf16, logging_step)
                 (out["loss"] / cfg.accumulation).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        jepa.update_target(ema_momentum(step, cfg.steps, jcfg.ema_start, jcfg.ema_end))
+        apply_gradients(jepa, params, optimizer,
+                        ema_momentum(step, cfg.steps, jcfg.ema_start, jcfg.ema_end))
         if world > 1:
             _average_buffers(jepa.target, world)
         window_steps += 1
@@ -320,6 +311,33 @@ def train(cfg: TrainConfig) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+
+def prepare_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        # Batch shapes change every step (crop, patch size, context size): cuDNN's attention
+        # builds a plan per new shape on the CPU, 115 ms of a 330 ms step (base, batch 64,
+        # H100 profile); the flash and memory-efficient kernels need none.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def forward_loss(net: torch.nn.Module, item: dict, device: torch.device, bf16: bool,
+                 monitors: bool) -> dict:
+    """The JEPA forward of one loader item (`stream.ChipStream`): loss, and the collapse
+    monitors when asked (they sync with the host)."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return net(_to(item["batch"], device), item["patch_size_m"], None,
+                   tuple(m.to(device, non_blocking=True) for m in item["masks"]),
+                   _to(item["context_valid"], device), monitors)
+
+
+def apply_gradients(jepa: JEPA, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                    momentum: float) -> None:
+    """After the backward: clip, step, clear the gradients, then move the EMA target."""
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    jepa.update_target(momentum)
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -4,6 +4,8 @@ it (as on the CPU)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -37,11 +39,10 @@ def test_batched_inference_equals_one_tile_per_forward(tmp_path, monkeypatch):
 
 
 def test_a_killed_reader_process_is_a_clear_error_and_a_rerun_completes(tmp_path, monkeypatch):
-    import os
     import signal
 
     from anysat import readers
-    from anysat.errors import ReaderDiedError
+    from anysat.errors import BlockReaderError
 
     monkeypatch.setattr(pipeline, "overlaps_io", lambda model: True)
     monkeypatch.setenv("ANYSAT_BLOCK_READERS", "1")
@@ -52,7 +53,7 @@ def test_a_killed_reader_process_is_a_clear_error_and_a_rerun_completes(tmp_path
         process.join()
     request = RegionRequest.build(bbox=DEMO_BBOX, start=DEMO_DATES[0], end=DEMO_DATES[1],
                                   patch_size_m=60.0, tile_size_m=240.0, output_uri=str(tmp_path))
-    with pytest.raises(ReaderDiedError, match="reader process died.*rerun the same command"):
+    with pytest.raises(BlockReaderError, match="reader process died.*rerun the same command"):
         run_region(request)
     manifest = run_region(request)   # fresh readers
     assert manifest["tiles"] == 25   # every tile done (a failed one would raise)
@@ -69,3 +70,47 @@ def test_a_device_this_machine_lacks_is_a_clear_error():
         RegionRequest.build(bbox=DEMO_BBOX, start=DEMO_DATES[0], end=DEMO_DATES[1], device="cuda")
     with pytest.raises(RequestError, match="fp16 needs a CUDA device"):
         RegionRequest.build(bbox=DEMO_BBOX, start=DEMO_DATES[0], end=DEMO_DATES[1], dtype="fp16")
+
+
+READ_WITH_PROCESSES = """
+import sys
+from anysat.cli import DEMO_BBOX, DEMO_DATES
+from anysat.errors import BlockReaderError
+from anysat.pipeline import plan_run
+from anysat.readers import BlockReaders
+from anysat.request import RegionRequest
+
+if __name__ == "__main__":
+    request = RegionRequest.build(bbox=DEMO_BBOX, start=DEMO_DATES[0], end=DEMO_DATES[1],
+                                  patch_size_m=60.0, tile_size_m=240.0, output_uri=sys.argv[1])
+    plan = plan_run(request, create_layers=False)
+    try:
+        with BlockReaders(plan, overlap=True) as readers:
+            for square in plan.reading_blocks(list(map(plan.tile, plan.tile_ids))):
+                readers.result(readers.submit(*square))
+    except BlockReaderError as exc:
+        print(exc)
+        sys.exit(3)
+"""
+
+
+def test_a_full_dev_shm_is_a_clear_error(tmp_path):
+    """Reader processes hand batches back through /dev/shm: a small one (a container's
+    default) is named, with what to do, not a RuntimeError from deep inside torch."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+            capture_output=True).returncode:
+        pytest.skip("cannot mount a small /dev/shm in a private mount namespace here")
+    script = tmp_path / "read.py"
+    script.write_text(READ_WITH_PROCESSES)
+    run = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm "
+                          f"&& exec {sys.executable} {script} {tmp_path / 'out'}"],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "ANYSAT_BLOCK_READERS": "1", "ANYSAT_READER_POOL": ""})
+    assert run.returncode == 3, run.stdout + run.stderr[-2000:]
+    assert "/dev/shm is full" in run.stdout and "--shm-size" in run.stdout
+    assert "Traceback" not in run.stderr

@@ -142,6 +142,17 @@ def test_gpu_nodes_are_the_ones_gpu_pods_select_and_tolerate():
                            if k.startswith(("block", "ignore", "restrict")))
 
 
+def test_gpu_pods_share_tensors_through_a_memory_backed_dev_shm():
+    """Reader processes (embedding) and DataLoader workers (pretraining) hand batches back
+    through /dev/shm: a container's default of 64 MB fails at the first few squares."""
+    gpu_pods = [job_from_template("work-pool-gpu.json")["spec"]["template"]["spec"],
+                *[pod for _, doc in manifests() if doc["kind"] == "Job" for pod in pods(doc)]]
+    for pod in gpu_pods:
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        assert volumes[mount["name"]]["emptyDir"]["medium"] == "Memory"
+
+
 @pytest.mark.skipif(shutil.which("terraform") is None, reason="no terraform binary here")
 def test_terraform_is_formatted():
     result = subprocess.run(["terraform", "fmt", "-check", "-recursive", str(INFRA / "terraform")],
