@@ -185,3 +185,18 @@ def test_prefect_yaml_deploys_every_flow_to_a_pool_the_infra_defines():
         assert deployment["work_pool"]["name"] in pools, deployment["name"]
         path, function = deployment["entrypoint"].split(":")
         assert re.search(rf"^def {function}\(", (REPO / path).read_text(), re.M), deployment["entrypoint"]
+
+
+def test_every_deployments_parameters_make_a_valid_request():
+    """A deployment whose defaults the flow refuses fails only when it is run (on a GPU node,
+    after the image pull): the requests and the training config are checked here instead."""
+    from anysat.request import RegionRequest
+    from anysat.train.trainer import TrainConfig
+
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    for deployment in config["deployments"]:
+        parameters = deployment.get("parameters", {})
+        if "request" in parameters:  # device and dtype are judged on the flow's own node
+            RegionRequest.model_validate({**parameters["request"], "device": "cpu", "dtype": "fp32"})
+        if "config" in parameters:
+            TrainConfig(**parameters["config"])
