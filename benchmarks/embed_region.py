@@ -2,13 +2,14 @@
 against forward only, as the number of tiles grows.
 
 The demo catalog's real pixels (S2 L2A, S1, DEM over 1 km2) are repeated into a static
-catalog of up to 5 x 5 km (every asset's COG tiled, the items' footprints and projection
-fields updated), and regions of 1, 4, 16 and 64 tiles of 600 m are embedded from it with
-the shipped checkpoint, S2 + S1 + DEM, 30 m patches. Each case runs in a fresh process (so
+catalog of k x k km (every asset's COG tiled, the items' footprints and projection fields
+updated; 5 x 5 km for 64 tiles of 600 m), and regions of 1, 4, 16 and 64 tiles of 600 m
+(`--tile-size-m`: 2,400 m as the continental deployment) are embedded from it with the
+shipped checkpoint, S2 + S1 + DEM, 30 m patches. Each case runs in a fresh process (so
 `peak_rss_mb` is that case's) and prints one JSON line: case, tiles, batch_size (tiles per
 forward), device, dtype, area_km2, seconds, km2_per_s (end to end: plan, reads, forward,
 writes), model_km2_per_s (the forward alone, on the same tiles' batches, same batch size),
-read_km2_per_s (the cube reads alone, in the run's blocks, on read_threads threads each,
+tile_size_m, read_km2_per_s (the cube reads alone, in the run's blocks, on read_threads threads each,
 read_workers blocks at once in read_pool: reader processes or threads beside an accelerator,
 one in turn with a CPU model; reader processes are started before timing, like the model),
 peak_rss_mb, and for the products asked (`--products`, besides the preview, which is always
@@ -16,7 +17,7 @@ made) the seconds per tile of each and `products_share`: their part of the end-t
 
     .venv/bin/python benchmarks/embed_region.py [--tiles 1 4 16 64] [--batch-sizes 1 4 16]
         [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--model demo|base|...]
-        [--products cog,vectors,clusters] [--quantize int8]
+        [--tile-size-m 600|2400] [--products cog,vectors,clusters] [--quantize int8]
 """
 
 from __future__ import annotations
@@ -36,13 +37,23 @@ from pathlib import Path
 import numpy as np
 
 DEMO = Path(__file__).resolve().parents[1] / "catalogs" / "demo"
-TILE_M = 600.0
-COL0, ROW0 = 1107, 9352  # the first whole 600 m tile inside the demo's square kilometre
-REPEATS = 5              # the demo's 1 km repeated 5 x 5: room for 8 x 8 tiles of 600 m
+WEST, NORTH = 664000.0, 5612120.0  # the demo's square kilometre's corner (UTM 31N)
 
 
-def make_catalog(folder: Path) -> Path:
-    """A copy of the demo catalog whose every asset is its real pixels tiled REPEATS times."""
+def first_tile(tile_m: float) -> tuple[int, int]:
+    """Grid column and row of the first whole tile south-east of the demo's corner."""
+    return math.ceil(WEST / tile_m), math.floor(NORTH / tile_m) - 1
+
+
+def repeats_for(tiles: int, tile_m: float) -> int:
+    """Times the demo's kilometre is repeated (each way) to hold k x k whole tiles."""
+    col0, row0 = first_tile(tile_m)
+    k = math.isqrt(tiles)
+    return math.ceil(max((col0 + k) * tile_m - WEST, NORTH - (row0 + 1 - k) * tile_m) / 1000)
+
+
+def make_catalog(folder: Path, repeats: int = 5) -> Path:
+    """A copy of the demo catalog whose every asset is its real pixels tiled `repeats` times."""
     import pystac
     import rasterio
     from pyproj import Transformer
@@ -56,7 +67,7 @@ def make_catalog(folder: Path) -> Path:
                 continue
             with rasterio.open(path) as src:
                 pixels, profile = src.read(), src.profile
-            tiled = np.tile(pixels, (1, REPEATS, REPEATS))
+            tiled = np.tile(pixels, (1, repeats, repeats))
             profile.update(driver="COG", width=tiled.shape[2], height=tiled.shape[1],
                            compress="deflate", blocksize=512)
             profile.pop("blockxsize", None), profile.pop("blockysize", None), profile.pop("tiled", None)
@@ -76,20 +87,21 @@ def make_catalog(folder: Path) -> Path:
     return folder / "catalog.json"
 
 
-def region(tiles: int) -> dict:
+def region(tiles: int, tile_m: float = 600.0) -> dict:
     """A GeoJSON polygon over k x k whole tiles of the grid (inset 1 m, so no neighbour)."""
     from pyproj import Transformer
 
     k = int(math.isqrt(tiles))
-    x0, y1 = COL0 * TILE_M + 1, (ROW0 + 1) * TILE_M - 1
-    x1, y0 = (COL0 + k) * TILE_M - 1, (ROW0 + 1 - k) * TILE_M + 1
+    col0, row0 = first_tile(tile_m)
+    x0, y1 = col0 * tile_m + 1, (row0 + 1) * tile_m - 1
+    x1, y0 = (col0 + k) * tile_m - 1, (row0 + 1 - k) * tile_m + 1
     to_ll = Transformer.from_crs(32631, 4326, always_xy=True)
     ring = [to_ll.transform(x, y) for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0))]
     return {"type": "Polygon", "coordinates": [ring]}
 
 
 def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str, model: str,
-             products: tuple[str, ...] = (), quantize: str = "none") -> dict:
+             products: tuple[str, ...] = (), quantize: str = "none", tile_m: float = 600.0) -> dict:
     import torch
 
     from anysat.cli import DEMO_DATES
@@ -102,7 +114,8 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
 
     logging.disable(logging.WARNING)  # the generated catalog has no cloud-mask asset
     with tempfile.TemporaryDirectory() as out:
-        request = RegionRequest.build(geojson=region(tiles), start=DEMO_DATES[0], end=DEMO_DATES[1],
+        request = RegionRequest.build(geojson=region(tiles, tile_m), start=DEMO_DATES[0],
+                                      end=DEMO_DATES[1], tile_size_m=tile_m,
                                       catalog=catalog, output_uri=out, model=model,
                                       batch_size=batch_size, device=device, dtype=dtype,
                                       tiles_per_batch=max(batch_size, 16), products=products,
@@ -140,7 +153,8 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
     product_s = {k: sum(z["product_seconds"].get(k, 0) for z in manifest["layers"])
                  for k in ("preview", *products)}
     product_s["stac"] = manifest["stac_seconds"]
-    return {"case": f"demo_repeated_{tiles}_tiles", "tiles": tiles, "batch_size": batch_size,
+    return {"case": f"demo_repeated_{tiles}_tiles{'' if tile_m == 600 else f'_of_{tile_m:g}m'}",
+            "tiles": tiles, "tile_size_m": tile_m, "batch_size": batch_size,
             "device": device, "dtype": dtype, "model": model, "area_km2": area,
             "torch_threads": torch.get_num_threads(), "seconds": round(seconds, 2),
             "km2_per_s": round(area / seconds, 4), "model_km2_per_s": round(area / forward, 4),
@@ -161,18 +175,21 @@ def main() -> None:
     parser.add_argument("--model", default="demo", help="demo (the shipped checkpoint) or a size")
     parser.add_argument("--products", default="", help="comma-separated: cog, vectors, clusters")
     parser.add_argument("--quantize", default="none", choices=["none", "int8"])
+    parser.add_argument("--tile-size-m", type=float, default=600.0,
+                        help="tile side: a multiple of 30 m (600; 2400 as the continental deployment)")
     parser.add_argument("--one", nargs=2, metavar=("CATALOG", "TILES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         catalog, tiles = args.one
         products = tuple(p for p in args.products.split(",") if p)
         print(json.dumps(run_case(catalog, int(tiles), args.batch_sizes[0], args.device,
-                                  args.dtype, args.model, products, args.quantize)), flush=True)
+                                  args.dtype, args.model, products, args.quantize,
+                                  args.tile_size_m)), flush=True)
         return
     if any(math.isqrt(n) ** 2 != n or n > 64 for n in args.tiles):
         parser.error("--tiles must be square numbers up to 64")
     with tempfile.TemporaryDirectory() as folder:
-        catalog = str(make_catalog(Path(folder)))
+        catalog = str(make_catalog(Path(folder), repeats_for(max(args.tiles), args.tile_size_m)))
         for tiles in args.tiles:
             for batch_size in args.batch_sizes:
                 if batch_size > tiles and batch_size != args.batch_sizes[0]:
@@ -180,7 +197,8 @@ def main() -> None:
                 subprocess.run([sys.executable, __file__, "--one", catalog, str(tiles),
                                 "--batch-sizes", str(batch_size), "--device", args.device,
                                 "--dtype", args.dtype, "--model", args.model, "--products",
-                                args.products, "--quantize", args.quantize], check=True)
+                                args.products, "--quantize", args.quantize,
+                                "--tile-size-m", str(args.tile_size_m)], check=True)
 
 
 if __name__ == "__main__":
