@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from embed_region import make_catalog, region
+from embed_region import make_catalog, region, repeats_for
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     logging.disable(logging.WARNING)  # the generated catalog has no cloud-mask asset
     logging.getLogger("anysat").setLevel(logging.ERROR)  # and in the reader processes
     with tempfile.TemporaryDirectory() as folder:
-        catalog = str(make_catalog(Path(folder) / "catalog"))
+        catalog = str(make_catalog(Path(folder) / "catalog", repeats_for(64, 600.0)))
         request = RegionRequest.build(geojson=region(64), start=DEMO_DATES[0], end=DEMO_DATES[1],
                                       catalog=catalog, output_uri=str(Path(folder) / "out"),
                                       model="demo", tiles_per_batch=16)

@@ -3,15 +3,15 @@ against forward only, as the number of tiles grows.
 
 The demo catalog's real pixels (S2 L2A, S1, DEM over 1 km2) are repeated into a static
 catalog of k x k km (every asset's COG tiled, the items' footprints and projection fields
-updated; 5 x 5 km for 64 tiles of 600 m), and regions of 1, 4, 16 and 64 tiles of 600 m
+updated; 6 x 6 km for 64 tiles of 600 m), and regions of 1, 4, 16 and 64 tiles of 600 m
 (`--tile-size-m`: 2,400 m as the continental deployment) are embedded from it with the
 shipped checkpoint, S2 + S1 + DEM, 30 m patches. Each case runs in a fresh process (so
 `peak_rss_mb` is that case's) and prints one JSON line: case, tiles, batch_size (tiles per
 forward), device, dtype, area_km2, seconds, km2_per_s (end to end: plan, reads, forward,
 writes), model_km2_per_s (the forward alone, on the same tiles' batches, same batch size),
-tile_size_m, read_km2_per_s (the cube reads alone, in the run's blocks, on read_threads threads each,
-read_workers blocks at once in read_pool: reader processes or threads beside an accelerator,
-one in turn with a CPU model; reader processes are started before timing, like the model),
+tile_size_m, read_km2_per_s (the cube reads alone, in the run's blocks, on read_threads
+threads each, read_workers blocks at once in read_pool: reader processes or threads beside an
+accelerator, one in turn with a CPU model; reader processes start before timing, like the model),
 peak_rss_mb, and for the products asked (`--products`, besides the preview, which is always
 made) the seconds per tile of each and `products_share`: their part of the end-to-end time.
 
@@ -52,7 +52,7 @@ def repeats_for(tiles: int, tile_m: float) -> int:
     return math.ceil(max((col0 + k) * tile_m - WEST, NORTH - (row0 + 1 - k) * tile_m) / 1000)
 
 
-def make_catalog(folder: Path, repeats: int = 5) -> Path:
+def make_catalog(folder: Path, repeats: int) -> Path:
     """A copy of the demo catalog whose every asset is its real pixels tiled `repeats` times."""
     import pystac
     import rasterio
