@@ -36,7 +36,7 @@ if [ -z "${PY:-}" ]; then  # the device machine: its python3, and the packages c
 fi
 if [ "$DEVICE" = cpu ]; then
     DTYPE=fp32; TRAIN="--models tiny --layouts 1x2 --batch-sizes 8 --workers 1 --steps 20"
-    EMBED="--tiles 4 --batch-sizes 4"; EMBED1=$EMBED; EMBED_WIDE="--tiles 1 --batch-sizes 1"; READERS="--workers 1 2"; BASE="--model tiny --steps 20 --batch-size 8 --workers 1"
+    EMBED="--tiles 4 --batch-sizes 4"; EMBED1=$EMBED; EMBED_WIDE="--tiles 1 --batch-sizes 1 --model demo"; READERS="--workers 1 2"; BASE="--model tiny --steps 20 --batch-size 8 --workers 1"
     PROFILE="--models tiny --batch-sizes 8 --steps 2"
 else
     DTYPE=bf16; TRAIN="--models tiny,base --layouts 1x4 --batch-sizes 64 256 --workers 12 --steps 30"
