@@ -17,12 +17,12 @@ import numpy as np
 from shapely.geometry import shape
 
 from .. import storage
-from ..cube.batch import READ_THREADS, load_block_batches, load_tile_batch
-from ..errors import NoItemsError, TileReadError, TilesFailedError
+from ..cube.batch import load_tile_batch
+from ..errors import NoItemsError, TilesFailedError
 from ..modalities import ModalitySpec
 from ..plan import RunPlan, fingerprint, fingerprint_hash, make_plan
+from ..readers import BlockReaders
 from ..stac.providers import Provider
-from ..stac.signing import url_signer
 from ..request import RegionRequest
 from ..tiles import Tile, ZoneTiles, plan_zones, zone_tiles
 from .chips import chip_record, write_chip, write_index
@@ -97,7 +97,6 @@ def ingest_tiles(plan: IngestPlan, tile_ids: list[str]) -> list[dict]:
     square, and a chip's values do not depend on which chips are read with it."""
     request = plan.request
     provider, specs = request.provider(), request.modality_specs()
-    signer = url_signer(provider)
     rows, todo = [], []
     for tile_id in tile_ids:
         done = chip_record(plan.store_uri, tile_id)
@@ -105,20 +104,17 @@ def ingest_tiles(plan: IngestPlan, tile_ids: list[str]) -> list[dict]:
             rows.append({**done, "skipped": True})
         else:
             todo.append(plan.run.tile(tile_id))
-    for tiles, square in plan.run.reading_blocks(todo):
-        loaded = load_block_batches([plan.run.items(t.id) for t in tiles], specs, tiles,
-                                    area=square, naming=provider.naming, patch_url=signer,
-                                    time_bin=request.time_bin, backend=request.cube_backend,
-                                    threads=READ_THREADS)
-        for tile, result in zip(tiles, loaded):
-            if isinstance(result, TileReadError):  # this chip fails, the others go on; a rerun retries it
-                log.error("%s", result)
-                rows.append({"id": tile.id, "failed": str(result)})
-                continue
-            row = _write_chip(plan.store_uri, tile, *result, specs, request.start, request.end,
-                              provider)
-            if row is not None:
-                rows.append(row)
+    with BlockReaders(plan.run, overlap=False) as readers:  # read as embed reads on a CPU
+        for tiles, square in plan.run.reading_blocks(todo):
+            for loaded in readers.result(readers.submit(tiles, square)):
+                if isinstance(loaded, dict):  # this chip fails, the others go on; a rerun retries it
+                    rows.append({"id": loaded["tile"], "failed": loaded["failed"]})
+                    continue
+                tile, batch, dates, _ = loaded
+                row = _write_chip(plan.store_uri, tile, batch, dates, specs, request.start,
+                                  request.end, provider)
+                if row is not None:
+                    rows.append(row)
     return rows
 
 
