@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -43,7 +43,7 @@ from .tiles import Tile
 
 log = logging.getLogger("anysat")
 PREFETCH_BATCHES = 1  # batches of tiles read ahead of the model (memory: 2 batches in hand)
-RUN_CHUNK_TILES = 256  # see tiles_per_call
+PROGRESS_TILES = 256  # a progress line per this many tiles of a run
 PREVIEW_MAX_SIDE = 2048  # pixels: previews and map PNGs of a continent stay small
 
 
@@ -93,40 +93,39 @@ def plan_run(request: RegionRequest, create_layers: bool = True) -> RunPlan:
 
 
 def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
+    """`embed_stream`'s results, as a list (a Prefect task's batch of tiles)."""
+    return list(embed_stream(plan, tile_ids))
+
+
+def embed_stream(plan: RunPlan, tile_ids: list[str]) -> Iterator[dict]:
     """Load (the plan's items), embed and write tiles, each then marked done (tiles already
-    done are skipped). Tiles are read in the squares of `plan.reading_blocks` (one read per
-    asset for a square: `readers.read_square`); `batch_size` tiles go through one forward.
-    Beside an accelerator, the next squares are read while the model runs (`BlockReaders`:
-    reader processes, PREFETCH_BATCHES batches ahead at least, so memory stays flat in the
-    number of tiles) and tiles are written on another thread while the next batch runs. A
-    model on the CPU already uses every core: there reads and writes take turns with it
-    (`overlaps_io`)."""
+    done are skipped), yielding each tile's result as it ends. Tiles are read in the squares
+    of `plan.reading_blocks` (one read per asset for a square: `readers.read_square`);
+    `batch_size` tiles go through one forward. Beside an accelerator, the next squares are
+    read while the model runs (`BlockReaders`: reader processes, PREFETCH_BATCHES batches
+    ahead at least, so memory stays flat in the number of tiles, and reading never pauses
+    for the caller: a whole run is one stream) and tiles are written on another thread while
+    the next batch runs. A model on the CPU already uses every core: there reads and writes
+    take turns with it (`overlaps_io`)."""
     request = plan.request
-    results = []
     todo = []
     for tile_id in tile_ids:
         marker = plan.marker_uri(tile_id)
         if storage.exists(marker):
-            results.append({**json.loads(storage.read_bytes(marker)), "skipped": True})
+            yield {**json.loads(storage.read_bytes(marker)), "skipped": True}
         else:
             todo.append(plan.tile(tile_id))
     if not todo:
-        return results
+        return
     model = get_model(request.model, request.sensors, request.device)
     n = request.batch_size
     blocks = plan.reading_blocks(todo)
     overlap = overlaps_io(model)
     in_hand: list = []
-    writes: deque = deque()
+    writes: deque = deque()  # at most a batch of tiles behind the model
     with BlockReaders(plan, overlap) as readers, _writer(overlap) as writer:
         # tiles read ahead of the forward: a batch's worth, and every reader busy with a block
         ahead = max(PREFETCH_BATCHES * n, readers.workers * max(len(b) for b, _ in blocks))
-
-        def write(*args) -> None:  # off the model's path; at most a batch of tiles behind
-            while len(writes) >= n:
-                results.append(writes.popleft().result())
-            writes.append(writer.submit(_write_tile, plan, *args))
-
         pending: deque = deque()
         queued = deque(blocks)
         while True:
@@ -137,12 +136,18 @@ def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
                 if not in_hand:
                     break
                 group, in_hand = in_hand[:n], in_hand[n:]
-                _embed_group(plan, model, group, write)
+                for args in _embed_group(plan, model, group):
+                    while len(writes) >= n:
+                        yield writes.popleft().result()
+                    writes.append(writer.submit(_write_tile, plan, *args))
                 continue
             for loaded in readers.result(pending.popleft()[0]):
-                (results if isinstance(loaded, dict) else in_hand).append(loaded)
-        results += [w.result() for w in writes]
-    return results
+                if isinstance(loaded, dict):  # a tile that failed to read
+                    yield loaded
+                else:
+                    in_hand.append(loaded)
+        while writes:
+            yield writes.popleft().result()
 
 
 def overlaps_io(model: AnySat) -> bool:
@@ -156,10 +161,10 @@ def _writer(overlap: bool) -> Executor:
     return ThreadPoolExecutor(max_workers=1) if overlap else InTurn()
 
 
-def _embed_group(plan: RunPlan, model: AnySat, group: list[tuple[Tile, dict, dict, float]],
-                 write: Callable[..., None]) -> None:
-    """One forward per set of sensors present among the group's tiles; each tile's patches
-    then go to `write` (`_write_tile`'s arguments after the plan)."""
+def _embed_group(plan: RunPlan, model: AnySat,
+                 group: list[tuple[Tile, dict, dict, float]]) -> Iterator[tuple]:
+    """One forward per set of sensors present among the group's tiles; yields each tile's
+    `_write_tile` arguments after the plan."""
     request = plan.request
     by_sensors: dict[frozenset, list] = {}
     for item in group:
@@ -177,8 +182,8 @@ def _embed_group(plan: RunPlan, model: AnySat, group: list[tuple[Tile, dict, dic
                 valid = model.patch_validity(batch, request.patch_size_m).cpu().numpy()
         forward_s = (time.perf_counter() - started) / len(items)
         for i, (tile, _, dates, read_s) in enumerate(items):
-            write(tile, None if patches is None else patches[i],
-                  None if valid is None else valid[i], dates, read_s + forward_s)
+            yield (tile, None if patches is None else patches[i],
+                   None if valid is None else valid[i], dates, read_s + forward_s)
 
 
 def _write_tile(plan: RunPlan, tile: Tile, patches: np.ndarray | None, valid: np.ndarray | None,
@@ -207,11 +212,10 @@ def _write_tile(plan: RunPlan, tile: Tile, patches: np.ndarray | None, valid: np
     return result
 
 
-def tiles_per_call(request: RegionRequest) -> int:
-    """Tiles one `embed_tiles` call takes where no Prefect task sizes it (`run_region`, a
-    continental block run): reads overlap the model inside a call only, so at least
-    RUN_CHUNK_TILES (`tiles_per_batch` sizes the tasks of the Prefect flow)."""
-    return max(request.tiles_per_batch, RUN_CHUNK_TILES)
+def run_squares(plan: RunPlan) -> list[tuple[list[Tile], tuple[Tile, Tile]]]:
+    """The squares of tiles a whole run reads, in its order (`run_region`'s stream; what
+    the benchmarks time)."""
+    return plan.reading_blocks(list(map(plan.tile, plan.in_reading_order(plan.tile_ids))))
 
 
 def tile_batches(plan: RunPlan, size: int | None = None) -> list[list[str]]:
@@ -370,15 +374,20 @@ def write_products(plan: RunPlan, epsg: int, preview_s: float, has_data: bool) -
 
 def run_region(request: RegionRequest) -> dict:
     """The whole run in this process (what `anysat embed` does without Prefect), holding the
-    output's lease so that no other run writes into it meanwhile."""
+    output's lease so that no other run writes into it meanwhile: one stream of tiles, so
+    reads never pause between parts of the region."""
     started = time.perf_counter()
     with lease.hold(request.output_uri, "anysat embed"):
         plan = plan_run(request)
         results: list[dict] = []
-        for ids in tile_batches(plan, tiles_per_call(request)):
-            results.extend(embed_tiles(plan, ids))
-            area = sum(r["area_km2"] for r in results)
-            failed = sum("failed" in r for r in results)
-            log.info("progress: %d/%d tiles%s, %.2f/%.2f km2", len(results), len(plan.tiles),
-                     f" ({failed} failed)" if failed else "", area, plan.area_km2)
+        area = 0.0
+        failed = 0
+        for result in embed_stream(plan, plan.in_reading_order(plan.tile_ids)):
+            results.append(result)
+            area += result["area_km2"]
+            failed += "failed" in result
+            if len(results) % PROGRESS_TILES == 0 or len(results) == len(plan.tiles):
+                log.info("progress: %d/%d tiles%s, %.2f/%.2f km2", len(results),
+                         len(plan.tiles), f" ({failed} failed)" if failed else "", area,
+                         plan.area_km2)
         return finish_run(plan, results, time.perf_counter() - started)

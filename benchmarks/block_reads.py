@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from anysat.cli import DEMO_DATES
-    from anysat.pipeline import plan_run, tile_batches, tiles_per_call
+    from anysat.pipeline import plan_run, run_squares
     from anysat.readers import BlockReaders, start_readers
     from anysat.request import RegionRequest
 
@@ -45,8 +45,7 @@ def main() -> None:
                                       catalog=catalog, output_uri=str(Path(folder) / "out"),
                                       model="demo", tiles_per_batch=16)
         plan = plan_run(request, create_layers=False)
-        squares = [block for ids in tile_batches(plan, tiles_per_call(request))
-                   for block in plan.reading_blocks(list(map(plan.tile, ids)))]
+        squares = run_squares(plan)
         for pool in args.pools:
             for workers in args.workers:
                 os.environ.update(ANYSAT_READER_POOL=pool, ANYSAT_BLOCK_READERS=str(workers))

@@ -107,7 +107,7 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
     from anysat.cli import DEMO_DATES
     from anysat.batch import stack_samples
     from anysat.cube.batch import READ_THREADS
-    from anysat.pipeline import get_model, overlaps_io, run_region, tile_batches, tiles_per_call
+    from anysat.pipeline import get_model, overlaps_io, run_region, run_squares
     from anysat.readers import BlockReaders, block_readers, reader_pool, start_readers
     from anysat.plan import read_plan
     from anysat.request import RegionRequest
@@ -131,8 +131,7 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
         # the reads alone (the same blocks, threads and items as the run), then the forward
         # alone on the same tiles, batched the same way
         plan = read_plan(out, request)
-        blocks = [block for ids in tile_batches(plan, tiles_per_call(request))
-                  for block in plan.reading_blocks(list(map(plan.tile, ids)))]
+        blocks = run_squares(plan)
         begun = time.perf_counter()
         with BlockReaders(plan, overlaps_io(net)) as readers:  # as the run reads
             futures = [readers.submit(*block) for block in blocks]

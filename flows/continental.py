@@ -1,13 +1,14 @@
 """Prefect flow `continental`: one saved plan, its tile blocks embedded by deployment runs.
 
-The parent plans the region once (every UTM zone, every block of 16 x 16 tiles) and holds the
-output's lease; each block becomes a run of an `embed-tiles` deployment (a pod of its own on
-a cluster), at most `max_concurrent_blocks` at a time. A block's record
-(`<output>/blocks/<zone>_<block>.json`) names its run and is marked done when the run
-completes, so a rerun after the parent died runs only unfinished blocks. Block runs are
-created with an idempotency key, so a rerun gets back (and waits for) a run the dead parent
-had already started, even one it had not recorded yet. Tiles keep their own done markers: a
-block run that died midway redoes only its unfinished tiles.
+The parent plans the region once (every UTM zone, every search block of 16 x 16 tiles) and
+holds the output's lease; every `blocks_per_run` consecutive blocks become a run of an
+`embed-tiles` deployment (a pod of its own on a cluster, which embeds its blocks as one
+stream of tiles), at most `max_concurrent_runs` at a time. A block's record
+(`<output>/blocks/<block>.json`) names its run and is marked done when the run completes,
+so a rerun after the parent died runs only unfinished blocks. Runs are created with an
+idempotency key, so a rerun gets back (and waits for) a run the dead parent had already
+started, even one it had not recorded yet. Tiles keep their own done markers: a run that
+died midway redoes only its unfinished tiles.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
 
 from anysat import lease, pipeline, storage  # noqa: E402
-from anysat.errors import TilesFailedError  # noqa: E402
+from anysat.errors import RequestError, TilesFailedError  # noqa: E402
 from anysat.plan import RunPlan, plan_for_worker  # noqa: E402
 from anysat.request import RegionRequest  # noqa: E402
 
@@ -32,41 +33,56 @@ POLL_S = 5.0
 
 
 @flow(name="embed-tiles", validate_parameters=True)
-def embed_tiles(request: RegionRequest, plan_hash: str, tile_ids: list[str]) -> dict:
-    """Embed these tiles of the saved plan (one block of a continental run); tiles already
-    done are skipped, a tile that cannot be read fails the run naming it."""
+def embed_tiles(request: RegionRequest, plan_hash: str, blocks: list[str]) -> dict:
+    """Embed these search blocks of the saved plan (a part of a continental run) as one
+    stream of tiles, so reads never pause between blocks. Tiles already done are skipped; a
+    tile that cannot be read fails the run, naming it. Each block whose tiles all ended
+    leaves their patch counts for the parent's manifest."""
     logger = get_run_logger()
     plan = plan_for_worker(request, plan_hash)
-    results: list[dict] = []
-    step = pipeline.tiles_per_call(request)
-    for start in range(0, len(tile_ids), step):
-        results += pipeline.embed_tiles(plan, tile_ids[start:start + step])
-        logger.info("progress: %d/%d tiles of the block", len(results), len(tile_ids))
-    failed = [r for r in results if "failed" in r]
+    ids = {block: _block_tiles(plan, block) for block in blocks}
+    block_of = {tile: block for block, tiles in ids.items() for tile in tiles}
+    total = len(block_of)
+    summaries: dict[str, list[dict]] = {block: [] for block in blocks}
+    failed = []
+    stream = pipeline.embed_stream(plan, [tile for block in blocks for tile in ids[block]])
+    for done, result in enumerate(stream, 1):
+        if "failed" in result:
+            failed.append(result)
+        else:  # what the parent's manifest needs, one object per block, not a read per tile
+            summaries[block_of[result["tile"]]].append(
+                {"tile": result["tile"], "valid_patches": result["valid_patches"]})
+        if done % pipeline.PROGRESS_TILES == 0 or done == total:
+            logger.info("progress: %d/%d tiles of %d block(s)", done, total, len(blocks))
+    for block, summary in summaries.items():
+        if len(summary) == len(ids[block]):
+            storage.write_bytes_atomic(_summary_uri(plan, block), json.dumps(summary).encode())
     if failed:  # grouped by reason, as a whole run reports them
-        raise TilesFailedError(f"{len(failed)} of {len(tile_ids)} tiles failed: "
+        raise TilesFailedError(f"{len(failed)} of {total} tiles failed: "
                                f"{pipeline.grouped_failures(failed)}")
-    # what the parent's manifest needs, one object per block, not one read per tile
-    summary = [{"tile": r["tile"], "valid_patches": r["valid_patches"]} for r in results]
-    storage.write_bytes_atomic(_summary_uri(plan, tile_ids), json.dumps(summary).encode())
-    return {"tiles": len(results), "valid_patches": sum(r["valid_patches"] for r in results)}
+    return {"tiles": total, "valid_patches": sum(r["valid_patches"] for s in summaries.values()
+                                                 for r in s)}
+
+
+def _block_tiles(plan: RunPlan, block: str) -> list[str]:
+    return plan.in_reading_order(list(plan.tiles.index[plan.tiles["block"] == block]))
 
 
 def _blocks(plan: RunPlan) -> dict[str, list[str]]:
-    return {f"{epsg}_{block}": plan.in_reading_order(list(group.index))
-            for (epsg, block), group in plan.tiles.groupby(["epsg", "block"])}
+    """Each search block's tile ids, blocks in the plan's order (zone by zone)."""
+    return {block: list(ids) for block, ids in
+            plan.tiles.groupby("block", sort=False).groups.items()}
 
 
-def _summary_uri(plan: RunPlan, tile_ids: list[str]) -> str:
-    """Where a block run leaves its tiles' patch counts (named by the block of its tiles)."""
-    epsg, block = plan.tiles.loc[tile_ids[0], ["epsg", "block"]]
-    return storage.join(plan.uri, "blocks", f"{epsg}_{block}.tiles.json")
+def _summary_uri(plan: RunPlan, block: str) -> str:
+    """Where a run leaves a block's tiles' patch counts."""
+    return storage.join(plan.uri, "blocks", f"{block}.tiles.json")
 
 
-def _block_results(plan: RunPlan, ids: list[str]) -> list[dict]:
+def _block_results(plan: RunPlan, block: str, ids: list[str]) -> list[dict]:
     """The block's tiles' patch counts: its run's summary, or (a run that died before
     writing it, its tiles all done) the tiles' own markers."""
-    uri = _summary_uri(plan, ids)
+    uri = _summary_uri(plan, block)
     if storage.exists(uri):
         return json.loads(storage.read_bytes(uri))
     return [json.loads(storage.read_bytes(plan.marker_uri(t))) for t in ids]
@@ -87,71 +103,81 @@ def _write_record(plan: RunPlan, block: str, record: dict) -> None:
 
 @flow(name="continental", validate_parameters=True)
 def continental(request: RegionRequest, deployment: str = "embed-tiles/block",
-                max_concurrent_blocks: int = 8) -> dict:
-    """Embed a continent: plan once, run each unfinished block of tiles as a run of
-    `deployment` (at most `max_concurrent_blocks` at once), then write the products and the
-    manifest. Rerun it to finish: done blocks are skipped."""
+                max_concurrent_runs: int = 8, blocks_per_run: int = 1) -> dict:
+    """Embed a continent: plan once, run every `blocks_per_run` consecutive search blocks
+    that are not all done as a run of `deployment` (at most `max_concurrent_runs` at once),
+    then write the products and the manifest. Rerun it to finish: done blocks are skipped.
+    More blocks per run spread a pod's start (image, CUDA, model, readers) over more tiles;
+    fewer give more runs to spread over workers."""
+    if blocks_per_run < 1 or max_concurrent_runs < 1:
+        raise RequestError(f"blocks_per_run {blocks_per_run}, max_concurrent_runs "
+                           f"{max_concurrent_runs}: each must be 1 or more")
     logger = get_run_logger()
     started = time.perf_counter()
     with lease.hold(request.output_uri, "continental flow"):
         plan = pipeline.plan_run(request)
         blocks = _blocks(plan)
-        todo = []
+        done = set()
         for block, ids in blocks.items():
             record = _read_record(plan, block)
             if record.get("status") == "done":
-                continue
-            if all(storage.exists(plan.marker_uri(t)) for t in ids):  # its run ended unrecorded
+                done.add(block)
+            elif all(storage.exists(plan.marker_uri(t)) for t in ids):  # run ended unrecorded
                 _write_record(plan, block, {**record, "status": "done"})
-                continue
-            todo.append(block)
-        logger.info("%d blocks of %d tiles in %d zones: %d to run, %d done", len(blocks),
-                    len(plan.tiles), len(plan.zones), len(todo), len(blocks) - len(todo))
-        failures = _run_blocks(plan, blocks, todo, deployment, max_concurrent_blocks, logger)
+                done.add(block)
+        names = list(blocks)  # runs fixed by the plan and blocks_per_run (idempotency keys)
+        runs = [names[i:i + blocks_per_run] for i in range(0, len(names), blocks_per_run)]
+        todo = [run for run in runs if not done.issuperset(run)]
+        logger.info("%d blocks of %d tiles in %d zones, %d done; %d runs of up to %d blocks to "
+                    "start", len(blocks), len(plan.tiles), len(plan.zones), len(done), len(todo),
+                    blocks_per_run)
+        failures = _run_blocks(plan, todo, deployment, max_concurrent_runs, logger)
         if failures:
             raise TilesFailedError(
-                f"{len(failures)} of {len(blocks)} blocks failed ({'; '.join(failures[:5])}); "
-                "rerun the flow to retry only those blocks")
+                f"{len(failures)} of {len(todo)} runs failed ({'; '.join(failures[:5])}); "
+                "rerun the flow to retry only their blocks")
         tally = pipeline.TileTally()
-        for ids in blocks.values():   # block by block: never a record per tile in memory
-            tally.add(_block_results(plan, ids))
+        for block, ids in blocks.items():   # block by block: never a record per tile in memory
+            tally.add(_block_results(plan, block, ids))
         return pipeline.finish_run(plan, tally, time.perf_counter() - started)
 
 
-def _run_blocks(plan: RunPlan, blocks: dict[str, list[str]], todo: list[str], deployment: str,
-                limit: int, logger) -> list[str]:
-    """Run the blocks, at most `limit` at once, until all ended; returns the failed blocks
-    with their run's state. A block's run is created with an idempotency key (plan, block,
-    attempt): a parent that died after creating it, before recording it, gets the same run
-    back on rerun (still going or ended) instead of starting the block twice. A failed
-    block's next attempt gets a new key."""
+def _run_blocks(plan: RunPlan, runs: list[list[str]], deployment: str, limit: int,
+                logger) -> list[str]:
+    """Start a deployment run per list of blocks, at most `limit` at once, until all ended;
+    returns the failed runs with their state. A run is created with an idempotency key
+    (plan, first block, number of blocks, attempt): a parent that died after creating it,
+    before recording it, gets the same run back on rerun (still going or ended) instead of
+    starting its blocks twice. A failed run's next attempt gets a new key."""
     failures, in_flight = [], {}
-    pending = list(todo)
+    pending = list(runs)
     with get_client(sync_client=True) as client:
         while pending or in_flight:
             while pending and len(in_flight) < limit:
-                block = pending.pop(0)
-                record = _read_record(plan, block)
-                attempt = record.get("attempt", 0) + (record.get("status") == "failed")
+                blocks = pending.pop(0)
+                records = [_read_record(plan, block) for block in blocks]
+                attempt = max(r.get("attempt", 0) + (r.get("status") == "failed") for r in records)
                 run = run_deployment(deployment, timeout=0, parameters={
                     "request": plan.request.model_dump(mode="json"), "plan_hash": plan.hash,
-                    "tile_ids": blocks[block]}, tags=[f"block:{block}"],
-                    idempotency_key=f"{plan.hash}:{block}:{attempt}")
-                _write_record(plan, block, {"flow_run_id": str(run.id), "attempt": attempt,
-                                            "status": "running"})
-                logger.info("block %s (%d tiles): run %s", block, len(blocks[block]), run.name)
-                in_flight[block] = (str(run.id), attempt)
+                    "blocks": blocks}, tags=[f"block:{block}" for block in blocks],
+                    idempotency_key=f"{plan.hash}:{blocks[0]}+{len(blocks)}:{attempt}")
+                for block in blocks:
+                    _write_record(plan, block, {"flow_run_id": str(run.id), "attempt": attempt,
+                                                "status": "running"})
+                logger.info("run %s: block(s) %s", run.name, ", ".join(blocks))
+                in_flight[str(run.id)] = (blocks, attempt)
             time.sleep(POLL_S)
-            for block, (run_id, attempt) in list(in_flight.items()):
+            for run_id, (blocks, attempt) in list(in_flight.items()):
                 state = client.read_flow_run(run_id).state
                 if state is None or not state.is_final():
                     continue
-                del in_flight[block]
+                del in_flight[run_id]
                 status = "done" if state.is_completed() else "failed"
-                _write_record(plan, block, {"flow_run_id": run_id, "attempt": attempt,
-                                            "status": status})
+                for block in blocks:
+                    _write_record(plan, block, {"flow_run_id": run_id, "attempt": attempt,
+                                                "status": status})
                 if status == "done":
-                    logger.info("block %s done", block)
+                    logger.info("block(s) %s done", ", ".join(blocks))
                 else:
-                    failures.append(f"block {block}: {state.name}: {state.message}")
+                    failures.append(f"block(s) {', '.join(blocks)}: {state.name}: {state.message}")
     return failures

@@ -153,9 +153,9 @@ def block_records(out: Path) -> dict[str, dict]:
 
 
 def test_continental_killed_midway_and_rerun_runs_every_block_once(deployed, tmp_path):
-    """Two zones (the demo square in 31N, a square east of 6 E in 32N): three blocks, each a
+    """Two zones (the demo square in 31N, a square east of 6 E in 32N): three blocks, two per
     run of `embed-tiles/block` on a process worker. The parent is SIGKILLed once the first
-    block is done; the rerun runs only the others and writes the manifest."""
+    run's blocks are done; the rerun runs only the last block and writes the manifest."""
 
     from shapely.geometry import box
 
@@ -171,7 +171,7 @@ def test_continental_killed_midway_and_rerun_runs_every_block_once(deployed, tmp
     script = ("import json, sys\nfrom flows.continental import continental\n"
               "from anysat.request import RegionRequest\n"
               "continental(RegionRequest.build(**json.loads(sys.argv[1])), "
-              "deployment='embed-tiles/block', max_concurrent_blocks=1)\n")
+              "deployment='embed-tiles/block', max_concurrent_runs=1, blocks_per_run=2)\n")
     # its own process group: the flow runs it spawned go with it at the end
     worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "anysat-local", "--limit", "2"],
                               env=deployed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -182,14 +182,14 @@ def test_continental_killed_midway_and_rerun_runs_every_block_once(deployed, tmp
                                   env={**deployed, "ANYSAT_LEASE_TTL_S": "30"},
                                   stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 600
-        while not any(r.get("status") == "done" for r in block_records(out).values()):
+        while [r.get("status") for r in block_records(out).values()].count("done") < 2:
             assert parent.poll() is None, (tmp_path / "parent.log").read_text()
             assert time.time() < deadline
             time.sleep(0.5)
         parent.send_signal(signal.SIGKILL)
         parent.wait()
         records = block_records(out)
-        assert [r["status"] for r in records.values()].count("done") == 1
+        assert [r["status"] for r in records.values()].count("done") == 2
         assert not (out / "run.json").exists()
         # as if the parent had died after starting the next block's run, before recording it
         for block, record in records.items():
@@ -208,7 +208,7 @@ def test_continental_killed_midway_and_rerun_runs_every_block_once(deployed, tmp
     from anysat.plan import read_plan
 
     plan = read_plan(str(out))
-    blocks = {f"{e}_{b}" for e, b in zip(plan.tiles["epsg"], plan.tiles["block"])}
+    blocks = set(plan.tiles["block"])
     assert set(records) == blocks and len(blocks) == 3
     assert {r["status"] for r in records.values()} == {"done"}
     markers = [json.loads(p.read_text()) for p in (out / "tiles").glob("*.json")]
@@ -230,6 +230,8 @@ def test_continental_killed_midway_and_rerun_runs_every_block_once(deployed, tmp
         runs = asyncio.run(block_runs())
     by_block = {}
     for run in runs:
-        block = next(t for t in run.tags if t.startswith("block:"))
-        by_block.setdefault(block, []).append(run.state.name)
+        for tag in (t for t in run.tags if t.startswith("block:")):
+            by_block.setdefault(tag, []).append(run.state.name)
     assert by_block == {f"block:{b}": ["Completed"] for b in records}, by_block
+    blocks_per_run = sorted(sum(t.startswith("block:") for t in run.tags) for run in runs)
+    assert blocks_per_run == [1, 2], blocks_per_run  # 3 blocks, 2 per run

@@ -196,3 +196,16 @@ def test_an_s3_model_without_credentials_says_where_credentials_come_from(tmp_pa
     assert code == 2 and "Traceback" not in err
     assert ("cannot read checkpoint s3://no-such-bucket/checkpoint: NoCredentialsError" in err
             and "AWS_ACCESS_KEY_ID" in err), err
+
+
+@pytest.mark.parametrize("parameters", [{"blocks_per_run": 0}, {"max_concurrent_runs": 0}])
+def test_a_continental_run_of_no_blocks_at_once_is_refused(parameters, tmp_path):
+    from anysat.errors import RequestError
+    from anysat.request import RegionRequest
+    from flows.continental import continental
+
+    request = RegionRequest.build(start="2021-01-01", end="2021-06-30",
+                                  bbox=(5.3, 50.6, 5.31, 50.61), output_uri=str(tmp_path))
+    with pytest.raises(RequestError, match="must be 1 or more"):
+        continental.fn(request, **parameters)
+    assert not any(tmp_path.iterdir())  # refused before any plan or lease

@@ -5,6 +5,8 @@ nodes' label and taint, the non-root uid)."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import re
 import shutil
@@ -196,6 +198,9 @@ def test_every_deployments_parameters_make_a_valid_request():
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
     for deployment in config["deployments"]:
         parameters = deployment.get("parameters", {})
+        path, name = deployment["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+        inspect.signature(flow.fn).bind_partial(**parameters)  # no parameter it does not take
         if "request" in parameters:  # device and dtype are judged on the flow's own node
             RegionRequest.model_validate({**parameters["request"], "device": "cpu", "dtype": "fp32"})
         if "config" in parameters:
