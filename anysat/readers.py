@@ -31,6 +31,7 @@ from .tiles import Tile
 
 log = logging.getLogger("anysat")
 POOLS = ("processes", "threads")
+WATCH_S = 1.0  # how often a reader looks whether the run's process is still there
 _said_threads: list[bool] = []
 Loaded = list  # per tile of the square: (tile, batch, dates, seconds) or {"tile", "failed", ...}
 
@@ -50,7 +51,7 @@ def block_readers() -> int:
 def reader_pool() -> str:
     """`ANYSAT_READER_POOL`: processes (default) or threads. Threads where this process may
     not start processes (a daemonic one: a Dask worker's, unless `distributed.worker.daemon`
-    is false)."""
+    is false, as the flows' Dask runner sets it)."""
     value = os.environ.get("ANYSAT_READER_POOL", "") or "processes"
     if value not in POOLS:
         raise RequestError(f"ANYSAT_READER_POOL={value!r}: give one of {', '.join(POOLS)}")
@@ -89,11 +90,36 @@ def _read_in_process(request, plan_hash: str, plan_uri: str, tiles: list[Tile],
     return read_square(plan_for_worker(request, plan_hash, plan_uri), tiles, square)
 
 
-def _start_reader(level: int) -> None:
+def _start_reader(level: int, run_pid: int) -> None:
     torch.set_num_threads(1)  # the parent's cores are for its model and the other readers
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     log.setLevel(level)
     redact_logs(log)
+    threading.Thread(target=_exit_after, args=(run_pid,), name="anysat-run-watch",
+                     daemon=True).start()
+
+
+def _exit_after(run_pid: int) -> None:
+    """Exit once the run's process is gone. A reader holds both ends of its pool's pipes (as
+    any forkserver child does), so a run killed outright (SIGKILL, out of memory, a Dask
+    worker stopped) would leave it waiting for work forever, and the forkserver with it."""
+    while True:
+        time.sleep(WATCH_S)
+        try:
+            os.kill(run_pid, 0)
+        except (ProcessLookupError, PermissionError):  # gone (its pid taken by another user's)
+            os._exit(0)
+        if _zombie(run_pid):
+            os._exit(0)
+
+
+def _zombie(pid: int) -> bool:
+    """Dead but not yet reaped by its parent (Linux; elsewhere not seen)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
 
 
 _pools: dict[int, ProcessPoolExecutor] = {}
@@ -109,7 +135,7 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
         if workers not in _pools:
             _pools[workers] = ProcessPoolExecutor(
                 workers, mp_context=multiprocessing.get_context("forkserver"),
-                initializer=_start_reader, initargs=(log.getEffectiveLevel(),))
+                initializer=_start_reader, initargs=(log.getEffectiveLevel(), os.getpid()))
         return _pools[workers]
 
 

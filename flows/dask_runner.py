@@ -6,7 +6,14 @@ from __future__ import annotations
 import logging
 import os
 
+import dask
 from prefect_dask import DaskTaskRunner
+
+# Dask starts its local workers as daemonic processes unless told otherwise, and a daemonic
+# process cannot start children: beside an accelerator, a task's block readers are processes
+# (anysat.readers). A worker still exits when its nanny dies (Dask watches the parent).
+if "DASK_DISTRIBUTED__WORKER__DAEMON" not in os.environ:
+    dask.config.set({"distributed.worker.daemon": False})
 
 
 def dask_task_runner() -> DaskTaskRunner:

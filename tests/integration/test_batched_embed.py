@@ -5,6 +5,7 @@ it (as on the CPU)."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -57,6 +58,65 @@ def test_a_killed_reader_process_is_a_clear_error_and_a_rerun_completes(tmp_path
         run_region(request)
     manifest = run_region(request)   # fresh readers
     assert manifest["tiles"] == 25   # every tile done (a failed one would raise)
+
+
+def _readers_in_a_worker() -> tuple[bool, str, list[int]]:
+    import multiprocessing
+
+    from anysat import readers
+
+    readers.start_readers(1)  # a forkserver reader, started from the Dask worker
+    return (multiprocessing.current_process().daemon, readers.reader_pool(),
+            list(readers._pools[1]._processes))
+
+
+def _gone(pids: list[int], within_s: float = 60.0) -> bool:
+    import psutil
+
+    deadline = time.time() + within_s
+    while time.time() < deadline:
+        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                   for p in pids):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_the_flows_dask_workers_start_reader_processes_that_end_with_them(monkeypatch):
+    """Beside an accelerator, the embed-region flow's Dask tasks read on reader processes: a
+    daemonic worker (Dask's default) could not start them and would read on threads. The
+    readers end with the worker, which Dask stops without shutting their pool down."""
+    from distributed import Client, LocalCluster
+
+    from flows.dask_runner import dask_task_runner
+
+    monkeypatch.delenv("ANYSAT_READER_POOL", raising=False)
+    kwargs = {**dask_task_runner().cluster_kwargs, "n_workers": 1}
+    with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
+        daemon, kind, pids = client.submit(_readers_in_a_worker, pure=False).result()
+    assert (daemon, kind) == (False, "processes") and pids
+    assert _gone(pids), f"reader processes {pids} outlived their Dask worker"
+
+
+def test_reader_processes_end_when_their_run_is_killed(tmp_path):
+    """A run killed outright (SIGKILL: the OOM killer) leaves no reader process behind."""
+    import signal
+    import subprocess
+    import sys
+
+    script = ("from anysat import readers\n"
+              "if __name__ == '__main__':\n"
+              "    readers.start_readers(2)\n"
+              "    print(*readers._pools[2]._processes, flush=True)\n"
+              "    import time; time.sleep(600)\n")
+    (tmp_path / "run.py").write_text(script)
+    run = subprocess.Popen([sys.executable, str(tmp_path / "run.py")], stdout=subprocess.PIPE,
+                           text=True)
+    pids = [int(p) for p in run.stdout.readline().split()]
+    assert len(pids) == 2
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert _gone(pids), f"reader processes {pids} outlived their run"
 
 
 def test_a_device_this_machine_lacks_is_a_clear_error():
