@@ -266,12 +266,11 @@ def estimate_plan(args: argparse.Namespace) -> None:
     from .tiles import plan_zones
 
     today = dt.date.today().isoformat()  # the grid does not depend on dates
-    tile_size_m = getattr(args, "tile_size_m", RegionRequest.model_fields["tile_size_m"].default)
-    fields = {**region_fields(args), "start": today, "end": today, "tile_size_m": tile_size_m,
-              "patch_size_m": tile_size_m}
+    fields = {**region_fields(args), "start": today, "end": today}
+    # sizes checked as a run would (a tile a whole number of patches), nothing else
     request = RegionRequest.build(**{k: v for k, v in fields.items()
                                      if k in REGION_FIELDS or k.endswith("_size_m")})
-    zones = plan_zones(request.geometry, tile_size_m)
+    zones = plan_zones(request.geometry, request.tile_size_m)
     for zone in zones:
         print(json.dumps({"zone": f"EPSG:{zone.epsg}", "tiles": len(zone),
                           "area_km2": round(zone.area_km2, 1)}))

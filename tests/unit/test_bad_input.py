@@ -209,3 +209,9 @@ def test_a_continental_run_of_no_blocks_at_once_is_refused(parameters, tmp_path)
     with pytest.raises(RequestError, match="must be 1 or more"):
         continental.fn(request, **parameters)
     assert not any(tmp_path.iterdir())  # refused before any plan or lease
+
+
+def test_an_estimate_with_tiles_no_run_could_take_is_refused(capsys):
+    """The estimate checks sizes as a run does: 2,560 m is no whole number of 30 m patches."""
+    assert cli.main(["plan", "--estimate", "--bbox=-10,35,30,70", "--tile-size-m", "2560"]) == 2
+    assert "tile_size_m 2560 is not a multiple of patch_size_m 30" in capsys.readouterr().err

@@ -70,11 +70,12 @@ def test_a_bbox_across_the_antimeridian():
 
 
 def test_plan_estimate_for_europe_is_quick_and_small():
-    """Europe at 2,560 m: about 1.6 M tiles over 7 zones, without a Python object per tile."""
+    """Europe at 2,560 m (40 m patches: a tile is a whole number of them): about 1.6 M tiles
+    over 7 zones, without a Python object per tile."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     result = subprocess.run([sys.executable, "-m", "anysat.cli", "plan", "--estimate", "--bbox",
-                             "-10,35,30,70", "--tile-size-m", "2560"], capture_output=True, text=True,
-                            check=True)
+                             "-10,35,30,70", "--tile-size-m", "2560", "--patch-size-m", "40"],
+                            capture_output=True, text=True, check=True)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [z["zone"] for z in lines[:-1]] == [f"EPSG:326{n}" for n in range(29, 36)]
