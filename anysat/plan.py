@@ -151,11 +151,17 @@ class RunPlan:
         size nor the tiles a resumed run has left change what a tile reads."""
         if not tiles:
             return []
-        side = READ_SIDE
-        while side > 1 and side * side * tiles[0].area_km2 > READ_KM2:
-            side //= 2
         blocks = self.tiles.loc[[t.id for t in tiles], "block"]
-        return square_groups(tiles, [self.block_extents[b] for b in blocks], side)
+        return square_groups(tiles, [self.block_extents[b] for b in blocks], self.square_side)
+
+    @cached_property
+    def square_side(self) -> int:
+        """Tiles a side of a reading square: READ_SIDE, halved while the square would pass
+        READ_KM2."""
+        side = READ_SIDE
+        while side > 1 and side * side * self.request.tile_size_m**2 / 1e6 > READ_KM2:
+            side //= 2
+        return side
 
     def tile(self, tile_id: str) -> Tile:
         row = self.tiles.loc[tile_id]

@@ -24,6 +24,11 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(uri)
 
 
+def is_local(uri: str) -> bool:
+    """A path on this machine's disks (a read there takes microseconds, not a round trip)."""
+    return "://" not in uri or uri.startswith("file://")
+
+
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 

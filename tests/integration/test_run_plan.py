@@ -165,3 +165,25 @@ def test_a_run_where_no_tile_has_data_fails_loudly(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "none of the 9 tiles had a valid pixel" in result.stderr
     assert not (out / "run.json").exists()
+
+
+def test_done_markers_are_read_a_search_block_at_a_time(tmp_path):
+    """A resumed run looks its tiles' markers up block by block as its reads reach them, not
+    all before the first read (a continent's run: a million round trips to an object store)."""
+    from anysat import pipeline, storage
+    from anysat.cli import DEMO_DATES
+
+    request = RegionRequest.build(bbox=DEMO_BBOX, start=DEMO_DATES[0], end=DEMO_DATES[1],
+                                  tile_size_m=60.0, patch_size_m=60.0, output_uri=str(tmp_path))
+    plan = pipeline.plan_run(request, create_layers=False)
+    ids = plan.in_reading_order(plan.tile_ids)
+    blocks = plan.tiles.loc[ids, "block"].to_numpy()
+    assert len(set(blocks)) > 1   # 60 m tiles: blocks of 960 m over the demo's kilometre
+    done = ids[:5]
+    for tile in done:
+        storage.write_bytes_atomic(plan.marker_uri(tile), json.dumps({"tile": tile}).encode())
+    parts = pipeline._unfinished(plan, ids)
+    skipped, todo = next(parts)
+    assert [r["tile"] for r in skipped] == done and all(r["skipped"] for r in skipped)
+    assert len(skipped) + len(todo) == (blocks == blocks[0]).sum()   # the first block only
+    assert sum(len(s) + len(t) for s, t in parts) == len(ids) - (blocks == blocks[0]).sum()
