@@ -41,6 +41,14 @@ def test_flow_writes_layer_to_s3(prefect_api, s3_endpoint):
     on_s3 = json.loads(fs.cat_file("anysat/demo-run/run.json"))
     assert on_s3["tiles"] == 9 and on_s3["area_km2"] == pytest.approx(3.24)
     assert len(fs.ls("anysat/demo-run/tiles")) == 9
+    # a rerun finds every tile done, from its marker on S3 (markers read 16 at once there)
+    from anysat import pipeline
+    from anysat.plan import read_plan
+
+    plan = read_plan("s3://anysat/demo-run", request)
+    again = list(pipeline.embed_stream(plan, plan.tile_ids))
+    assert sorted(r["tile"] for r in again) == sorted(plan.tile_ids)
+    assert all(r["skipped"] and r["valid_patches"] > 0 for r in again)
     assert fs.cat_file("anysat/demo-run/preview/EPSG32631_pca.png")[:4] == b"\x89PNG"
 
     layer = xr.open_zarr(manifest["layers"][0]["layer"], consolidated=False, decode_coords="all")
