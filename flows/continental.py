@@ -36,8 +36,8 @@ POLL_S = 5.0
 def embed_tiles(request: RegionRequest, plan_hash: str, blocks: list[str]) -> dict:
     """Embed these search blocks of the saved plan (a part of a continental run) as one
     stream of tiles, so reads never pause between blocks. Tiles already done are skipped; a
-    tile that cannot be read fails the run, naming it. Each block whose tiles all ended
-    leaves their patch counts for the parent's manifest."""
+    tile that cannot be read fails the run, naming it. Each block without a failed tile
+    leaves its tiles' patch counts for the parent's manifest."""
     logger = get_run_logger()
     plan = plan_for_worker(request, plan_hash)
     ids = {block: _block_tiles(plan, block) for block in blocks}
