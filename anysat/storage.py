@@ -15,7 +15,7 @@ from .errors import OutputNotWritableError
 
 def normalize_uri(uri: str) -> str:
     """Local paths become absolute (worker processes may not share the cwd); URLs stay."""
-    if "://" in uri and not uri.startswith("file://"):
+    if not is_local(uri):
         return uri.rstrip("/")
     return str(Path(uri.removeprefix("file://")).expanduser().resolve())
 

@@ -117,9 +117,10 @@ def continental(request: RegionRequest, deployment: str = "embed-tiles/block",
     with lease.hold(request.output_uri, "continental flow"):
         plan = pipeline.plan_run(request)
         blocks = _blocks(plan)
-        done = set()
+        done, attempts = set(), {}  # a block's next attempt: a failed run's blocks get a new key
         for block, ids in blocks.items():
             record = _read_record(plan, block)
+            attempts[block] = record.get("attempt", 0) + (record.get("status") == "failed")
             if record.get("status") == "done":
                 done.add(block)
             elif all(storage.exists(plan.marker_uri(t)) for t in ids):  # run ended unrecorded
@@ -131,7 +132,7 @@ def continental(request: RegionRequest, deployment: str = "embed-tiles/block",
         logger.info("%d blocks of %d tiles in %d zones, %d done; %d runs of up to %d blocks to "
                     "start", len(blocks), len(plan.tiles), len(plan.zones), len(done), len(todo),
                     blocks_per_run)
-        failures = _run_blocks(plan, todo, deployment, max_concurrent_runs, logger)
+        failures = _run_blocks(plan, todo, attempts, deployment, max_concurrent_runs, logger)
         if failures:
             raise TilesFailedError(
                 f"{len(failures)} of {len(todo)} runs failed ({'; '.join(failures[:5])}); "
@@ -142,8 +143,8 @@ def continental(request: RegionRequest, deployment: str = "embed-tiles/block",
         return pipeline.finish_run(plan, tally, time.perf_counter() - started)
 
 
-def _run_blocks(plan: RunPlan, runs: list[list[str]], deployment: str, limit: int,
-                logger) -> list[str]:
+def _run_blocks(plan: RunPlan, runs: list[list[str]], attempts: dict[str, int], deployment: str,
+                limit: int, logger) -> list[str]:
     """Start a deployment run per list of blocks, at most `limit` at once, until all ended;
     returns the failed runs with their state. A run is created with an idempotency key
     (plan, first block, number of blocks, attempt): a parent that died after creating it,
@@ -155,8 +156,7 @@ def _run_blocks(plan: RunPlan, runs: list[list[str]], deployment: str, limit: in
         while pending or in_flight:
             while pending and len(in_flight) < limit:
                 blocks = pending.pop(0)
-                records = [_read_record(plan, block) for block in blocks]
-                attempt = max(r.get("attempt", 0) + (r.get("status") == "failed") for r in records)
+                attempt = max(attempts[block] for block in blocks)
                 run = run_deployment(deployment, timeout=0, parameters={
                     "request": plan.request.model_dump(mode="json"), "plan_hash": plan.hash,
                     "blocks": blocks}, tags=[f"block:{block}" for block in blocks],
