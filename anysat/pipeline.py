@@ -30,7 +30,7 @@ from .model import AnySat, load_model
 from .model.checkpoint import weights_sha256
 from .modalities import resolve_sensors
 from .plan import RunPlan, make_plan
-from .products import create_layer, maps, write_tile
+from .products import LayerWriter, create_layer, maps
 from .products.cog import export_cogs
 from .products.stac import write_stac
 from .redact import without_secrets
@@ -124,6 +124,7 @@ def embed_stream(plan: RunPlan, tile_ids: list[str]) -> Iterator[dict]:
     overlap = overlaps_io(model)
     in_hand: list = []
     writes: deque = deque()  # at most a batch of tiles behind the model
+    layers: dict[int, LayerWriter] = {}  # per zone, opened at its first tile
     with BlockReaders(plan, overlap) as readers, _writer(overlap) as writer:
         # tiles read ahead of the forward: a batch's worth, and every reader busy with a square
         ahead = max(PREFETCH_BATCHES * n, readers.workers * plan.square_side**2)
@@ -146,7 +147,7 @@ def embed_stream(plan: RunPlan, tile_ids: list[str]) -> Iterator[dict]:
                 for args in _embed_group(plan, model, group):
                     while len(writes) >= n:
                         yield writes.popleft().result()
-                    writes.append(writer.submit(_write_tile, plan, *args))
+                    writes.append(writer.submit(_write_tile, plan, layers, *args))
                 continue
             for loaded in readers.result(pending.popleft()[0]):
                 if isinstance(loaded, dict):  # a tile that failed to read
@@ -216,8 +217,9 @@ def _embed_group(plan: RunPlan, model: AnySat,
                    None if valid is None else valid[i], dates, read_s + forward_s)
 
 
-def _write_tile(plan: RunPlan, tile: Tile, patches: np.ndarray | None, valid: np.ndarray | None,
-                dates: dict, seconds: float) -> dict:
+def _write_tile(plan: RunPlan, layers: dict[int, LayerWriter], tile: Tile,
+                patches: np.ndarray | None, valid: np.ndarray | None, dates: dict,
+                seconds: float) -> dict:
     """Write a tile's patches (NaN where no sensor had data), then its done-marker."""
     grid = plan.zone(tile.epsg).grid
     valid_patches = 0
@@ -230,7 +232,9 @@ def _write_tile(plan: RunPlan, tile: Tile, patches: np.ndarray | None, valid: np
               "seconds": round(seconds, 3)}
     try:  # the chunk first, its marker last: a tile is done only once both are whole
         if valid_patches:
-            write_tile(plan.layer_uri(tile.epsg), grid, tile, patches)
+            if tile.epsg not in layers:
+                layers[tile.epsg] = LayerWriter(plan.layer_uri(tile.epsg), grid)
+            layers[tile.epsg].write(tile, patches)
         storage.write_bytes_atomic(plan.marker_uri(tile.id), json.dumps(result).encode())
     except Exception as exc:  # noqa: BLE001 - object storage, disk: any failure to write
         raise OutputNotWritableError(
@@ -278,9 +282,12 @@ class TileTally:
         return self
 
 
-def finish_run(plan: RunPlan, results: list[dict] | TileTally, seconds: float) -> dict:
+def finish_run(plan: RunPlan, results: list[dict] | TileTally, seconds: float,
+               embed_seconds: float | None = None) -> dict:
     """Write each zone's preview and products, their STAC, then the manifest: its presence
-    means the run is complete."""
+    means the run is complete. `seconds`: the run's so far; `embed_seconds`: of which the
+    tiles' reads, forwards and writes (the rate a longer run of the same tiles sustains:
+    planning and products do not grow with it as the tiles do)."""
     tally = results if isinstance(results, TileTally) else TileTally().add(results)
     total = len(plan.tiles)
     if tally.failed:
@@ -333,6 +340,7 @@ def finish_run(plan: RunPlan, results: list[dict] | TileTally, seconds: float) -
         "patches_with_data": sum(tally.patches.values()),
         "tiles_without_data": without_data,
         "embedding_dim": plan.zones[0].grid.dim, "seconds": round(seconds, 2),
+        **({} if embed_seconds is None else {"embed_seconds": round(embed_seconds, 2)}),
         "finished": finished,
     }
     storage.write_bytes_atomic(plan.manifest_uri, json.dumps(manifest, indent=2).encode())
@@ -412,6 +420,7 @@ def run_region(request: RegionRequest) -> dict:
         results: list[dict] = []
         area = 0.0
         failed = 0
+        embedding = time.perf_counter()
         for result in embed_stream(plan, plan.in_reading_order(plan.tile_ids)):
             results.append(result)
             area += result["area_km2"]
@@ -420,4 +429,14 @@ def run_region(request: RegionRequest) -> dict:
                 log.info("progress: %d/%d tiles%s, %.2f/%.2f km2", len(results),
                          len(plan.tiles), f" ({failed} failed)" if failed else "", area,
                          plan.area_km2)
-        return finish_run(plan, results, time.perf_counter() - started)
+        return finish_run(plan, results, time.perf_counter() - started,
+                          log_embedded(results, time.perf_counter() - embedding))
+
+
+def log_embedded(results: list[dict], seconds: float) -> float:
+    """Log the rate of the tiles embedded now (skipped ones left out); returns `seconds`."""
+    now = [r for r in results if not r.get("skipped") and "failed" not in r]
+    km2 = sum(r["area_km2"] for r in now)
+    log.info("embedded %d tiles, %.2f km2, in %.1f s: %.2f km2/s (reads, model, writes)",
+             len(now), km2, seconds, km2 / max(seconds, 1e-9))
+    return seconds

@@ -9,7 +9,9 @@ than its start; `--tile-size-m`: 2,400 m as the continental deployment) are embe
 shipped checkpoint, S2 + S1 + DEM, 30 m patches. Each case runs in a fresh process (so
 `peak_rss_mb` is that case's) and prints one JSON line: case, tiles, batch_size (tiles per
 forward), device, dtype, area_km2, seconds, km2_per_s (end to end: plan, reads, forward,
-writes), model_km2_per_s (the forward alone, on the same tiles' batches, same batch size),
+writes, preview), embed_km2_per_s (the tiles' reads, forwards and writes alone, without the
+plan and the preview: what a continental run's pods do, its products being made once at the
+end), model_km2_per_s (the forward alone, on the same tiles' batches, same batch size),
 tile_size_m, read_km2_per_s (the cube reads alone, in the run's blocks, on read_threads
 threads each, read_workers blocks at once in read_pool: reader processes or threads beside an
 accelerator, one in turn with a CPU model; reader processes start before timing, like the model),
@@ -162,7 +164,9 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
             "tiles": tiles, "tile_size_m": tile_m, "batch_size": batch_size,
             "device": device, "dtype": dtype, "model": model, "area_km2": area,
             "torch_threads": torch.get_num_threads(), "seconds": round(seconds, 2),
-            "km2_per_s": round(area / seconds, 4), "model_km2_per_s": round(area / forward, 4),
+            "km2_per_s": round(area / seconds, 4),
+            "embed_km2_per_s": round(area / manifest["embed_seconds"], 4),
+            "model_km2_per_s": round(area / forward, 4),
             "read_km2_per_s": round(area / reads, 4), "read_threads": READ_THREADS,
             "read_workers": readers.workers, "read_pool": readers.kind,
             "peak_rss_mb": round(peak_rss_mb, 1), "quantize": quantize,

@@ -68,13 +68,15 @@ def embed_region(request: RegionRequest) -> dict:
     with lease.hold(request.output_uri, "embed-region flow"):  # one writer per output
         plan = plan_run(request)
         batches = pipeline.tile_batches(plan)
+        embedding = time.perf_counter()
         futures = embed_batch.map(unmapped(request), unmapped(plan.hash), batches)
         results: list[dict] = []
         for future in as_completed(futures):
             results.extend(future.result())
             logger.info("progress: %d/%d tiles, %.2f/%.2f km2", len(results), len(plan.tiles),
                         sum(r["area_km2"] for r in results), plan.area_km2)
-        manifest = finish_run(plan, results, time.perf_counter() - started)
+        manifest = finish_run(plan, results, time.perf_counter() - started,
+                              pipeline.log_embedded(results, time.perf_counter() - embedding))
     create_markdown_artifact(
         key="embed-region-summary",
         markdown=(

@@ -10,6 +10,7 @@ import dask.array as da
 import numpy as np
 import rioxarray  # noqa: F401 - registers the .rio accessor
 import xarray as xr
+import zarr
 from affine import Affine
 
 from ..errors import OutputNotWritableError
@@ -110,18 +111,38 @@ def create_layer(uri: str, grid: LayerGrid, attrs: dict) -> None:
                                    encoding=encoding)
 
 
+class LayerWriter:
+    """Writes tiles into one layer, its arrays opened once: opening them (metadata reads,
+    xarray's checks) costs more than writing a tile's chunk. Per tile of 20 x 20 x 768 on
+    2 cores: 14 ms through xarray's region writes, 4.5 ms here, where a GPU embeds a
+    600 m tile in about 3 ms."""
+
+    def __init__(self, uri: str, grid: LayerGrid):
+        group = zarr.open_group(uri, mode="r+", zarr_format=3)
+        self.grid = grid
+        self.embedding = group["embedding"]
+        self.scale = group["scale"] if grid.quantized else None
+
+    def write(self, tile: Tile, patches: np.ndarray) -> None:
+        """Write one tile's [tile_px, tile_px, dim] patch embeddings into its chunk."""
+        grid = self.grid
+        expected = (grid.tile_px, grid.tile_px, grid.dim)
+        if patches.shape != expected:
+            raise ValueError(f"tile {tile.id}: embeddings of shape {patches.shape}, layer expects {expected}")
+        region = grid.tile_region(tile)
+        y, x = region["y"], region["x"]
+        if grid.quantized:
+            q, scale = quantize(patches)
+            self.embedding[y, x, :] = q
+            self.scale[y, x] = scale
+        else:
+            self.embedding[y, x, :] = patches.astype("float32", copy=False)
+
+
 def write_tile(uri: str, grid: LayerGrid, tile: Tile, patches: np.ndarray) -> None:
-    """Write one tile's [tile_px, tile_px, dim] patch embeddings into its chunk."""
-    expected = (grid.tile_px, grid.tile_px, grid.dim)
-    if patches.shape != expected:
-        raise ValueError(f"tile {tile.id}: embeddings of shape {patches.shape}, layer expects {expected}")
-    region = grid.tile_region(tile)
-    if grid.quantized:
-        q, scale = quantize(patches)
-        ds = xr.Dataset({"embedding": (("y", "x", "band"), q), "scale": (("y", "x"), scale)})
-    else:
-        ds = xr.Dataset({"embedding": (("y", "x", "band"), patches.astype("float32"))})
-    ds.to_zarr(uri, region=region, mode="r+", zarr_format=3, consolidated=False)
+    """Write one tile's [tile_px, tile_px, dim] patch embeddings into its chunk (a run
+    writing many keeps a `LayerWriter`)."""
+    LayerWriter(uri, grid).write(tile, patches)
 
 
 def read_layer(uri: str) -> xr.Dataset:
