@@ -15,7 +15,7 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -98,7 +98,7 @@ def embed_tiles(plan: RunPlan, tile_ids: list[str]) -> list[dict]:
     return list(embed_stream(plan, tile_ids))
 
 
-def embed_stream(plan: RunPlan, tile_ids: list[str]) -> Iterator[dict]:
+def embed_stream(plan: RunPlan, tile_ids: list[str], waits: Counter | None = None) -> Iterator[dict]:
     """Load (the plan's items), embed and write tiles, each then marked done (tiles already
     done are skipped), yielding each tile's result as it ends. Tiles are read in the squares
     of `plan.reading_blocks` (one read per asset for a square: `readers.read_square`);
@@ -108,8 +108,12 @@ def embed_stream(plan: RunPlan, tile_ids: list[str]) -> Iterator[dict]:
     for the caller: a whole run is one stream) and tiles are written on another thread while
     the next batch runs. A model on the CPU already uses every core: there reads and writes
     take turns with it (`overlaps_io`). Done-markers are looked up a search block at a time,
-    as the reads reach it (`_unfinished`)."""
+    as the reads reach it (`_unfinished`). `waits`, if given, adds up the seconds this
+    thread spent on reads (`reads_s`: waiting for them, or reading in turn), in the model
+    (`model_s`: batching, copies to and from the device, forward) and on writes (`writes_s`):
+    what holds a run back."""
     request = plan.request
+    waits = Counter() if waits is None else waits
     parts = _unfinished(plan, tile_ids)
     queued: deque = deque()
     for skipped, todo in parts:  # up to the first tile to do: a finished run loads no model
@@ -139,23 +143,40 @@ def embed_stream(plan: RunPlan, tile_ids: list[str]) -> Iterator[dict]:
                     queued.extend(plan.reading_blocks(part[1]))
                     continue
                 block, square = queued.popleft()
+                started = time.perf_counter()  # in turn (a CPU model): the read itself
                 pending.append((readers.submit(block, square), block))
+                waits["reads_s"] += time.perf_counter() - started
             if len(in_hand) >= n or not pending:  # a forward's worth, or the last tiles
                 if not in_hand:
                     break
                 group, in_hand = in_hand[:n], in_hand[n:]
+                started = time.perf_counter()
                 for args in _embed_group(plan, model, group):
+                    waits["model_s"] += time.perf_counter() - started
                     while len(writes) >= n:
-                        yield writes.popleft().result()
+                        yield _waited(waits, writes.popleft())
+                    started = time.perf_counter()  # in turn: the write itself
                     writes.append(writer.submit(_write_tile, plan, layers, *args))
+                    waits["writes_s"] += time.perf_counter() - started
+                    started = time.perf_counter()
                 continue
-            for loaded in readers.result(pending.popleft()[0]):
+            started = time.perf_counter()
+            square = readers.result(pending.popleft()[0])
+            waits["reads_s"] += time.perf_counter() - started
+            for loaded in square:
                 if isinstance(loaded, dict):  # a tile that failed to read
                     yield loaded
                 else:
                     in_hand.append(loaded)
         while writes:
-            yield writes.popleft().result()
+            yield _waited(waits, writes.popleft())
+
+
+def _waited(waits: Counter, write: Future) -> dict:
+    started = time.perf_counter()
+    result = write.result()
+    waits["writes_s"] += time.perf_counter() - started
+    return result
 
 
 def _unfinished(plan: RunPlan, tile_ids: list[str]) -> Iterator[tuple[list[dict], list[Tile]]]:
@@ -283,11 +304,10 @@ class TileTally:
 
 
 def finish_run(plan: RunPlan, results: list[dict] | TileTally, seconds: float,
-               embed_seconds: float | None = None) -> dict:
+               embedding: dict | None = None) -> dict:
     """Write each zone's preview and products, their STAC, then the manifest: its presence
-    means the run is complete. `seconds`: the run's so far; `embed_seconds`: of which the
-    tiles' reads, forwards and writes (the rate a longer run of the same tiles sustains:
-    planning and products do not grow with it as the tiles do)."""
+    means the run is complete. `seconds`: the run's so far; `embedding` (`embedded`): how
+    long the tiles' reads, forwards and writes took, and what the stream waited on."""
     tally = results if isinstance(results, TileTally) else TileTally().add(results)
     total = len(plan.tiles)
     if tally.failed:
@@ -340,7 +360,7 @@ def finish_run(plan: RunPlan, results: list[dict] | TileTally, seconds: float,
         "patches_with_data": sum(tally.patches.values()),
         "tiles_without_data": without_data,
         "embedding_dim": plan.zones[0].grid.dim, "seconds": round(seconds, 2),
-        **({} if embed_seconds is None else {"embed_seconds": round(embed_seconds, 2)}),
+        **({} if embedding is None else {"embedding": embedding}),
         "finished": finished,
     }
     storage.write_bytes_atomic(plan.manifest_uri, json.dumps(manifest, indent=2).encode())
@@ -421,7 +441,8 @@ def run_region(request: RegionRequest) -> dict:
         area = 0.0
         failed = 0
         embedding = time.perf_counter()
-        for result in embed_stream(plan, plan.in_reading_order(plan.tile_ids)):
+        waits: Counter = Counter()
+        for result in embed_stream(plan, plan.in_reading_order(plan.tile_ids), waits):
             results.append(result)
             area += result["area_km2"]
             failed += "failed" in result
@@ -430,13 +451,18 @@ def run_region(request: RegionRequest) -> dict:
                          len(plan.tiles), f" ({failed} failed)" if failed else "", area,
                          plan.area_km2)
         return finish_run(plan, results, time.perf_counter() - started,
-                          log_embedded(results, time.perf_counter() - embedding))
+                          embedded(results, time.perf_counter() - embedding, waits))
 
 
-def log_embedded(results: list[dict], seconds: float) -> float:
-    """Log the rate of the tiles embedded now (skipped ones left out); returns `seconds`."""
+def embedded(results: list[dict], seconds: float, waits: Counter | None = None) -> dict:
+    """The embedding's part of a run, logged and for its manifest: the tiles embedded now
+    (skipped ones left out), their km2/s, and the stream's `waits` (`embed_stream`)."""
     now = [r for r in results if not r.get("skipped") and "failed" not in r]
     km2 = sum(r["area_km2"] for r in now)
-    log.info("embedded %d tiles, %.2f km2, in %.1f s: %.2f km2/s (reads, model, writes)",
-             len(now), km2, seconds, km2 / max(seconds, 1e-9))
-    return seconds
+    out = {"tiles": len(now), "area_km2": round(km2, 4), "seconds": round(seconds, 2),
+           "km2_per_s": round(km2 / max(seconds, 1e-9), 4),
+           **{k: round(v, 2) for k, v in (waits or {}).items()}}
+    log.info("embedded %d tiles, %.2f km2, in %.1f s: %.2f km2/s%s", len(now), km2, seconds,
+             out["km2_per_s"], "; the stream spent " + ", ".join(
+                 f"{v:.1f} s on {k.removesuffix('_s')}" for k, v in waits.items()) if waits else "")
+    return out

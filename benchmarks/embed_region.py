@@ -11,7 +11,9 @@ shipped checkpoint, S2 + S1 + DEM, 30 m patches. Each case runs in a fresh proce
 forward), device, dtype, area_km2, seconds, km2_per_s (end to end: plan, reads, forward,
 writes, preview), embed_km2_per_s (the tiles' reads, forwards and writes alone, without the
 plan and the preview: what a continental run's pods do, its products being made once at the
-end), model_km2_per_s (the forward alone, on the same tiles' batches, same batch size),
+end) and where its thread spent that time (stream_reads_s: waiting for reads, stream_model_s:
+batching, copies and forward, stream_writes_s: waiting for writes), model_km2_per_s (the
+forward alone, on the same tiles' batches, same batch size),
 tile_size_m, read_km2_per_s (the cube reads alone, in the run's blocks, on read_threads
 threads each, read_workers blocks at once in read_pool: reader processes or threads beside an
 accelerator, one in turn with a CPU model; reader processes start before timing, like the model),
@@ -165,7 +167,8 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
             "device": device, "dtype": dtype, "model": model, "area_km2": area,
             "torch_threads": torch.get_num_threads(), "seconds": round(seconds, 2),
             "km2_per_s": round(area / seconds, 4),
-            "embed_km2_per_s": round(area / manifest["embed_seconds"], 4),
+            "embed_km2_per_s": round(area / manifest["embedding"]["seconds"], 4),
+            **{f"stream_{k}": manifest["embedding"].get(k, 0) for k in ("reads_s", "model_s", "writes_s")},
             "model_km2_per_s": round(area / forward, 4),
             "read_km2_per_s": round(area / reads, 4), "read_threads": READ_THREADS,
             "read_workers": readers.workers, "read_pool": readers.kind,

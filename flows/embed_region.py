@@ -76,7 +76,7 @@ def embed_region(request: RegionRequest) -> dict:
             logger.info("progress: %d/%d tiles, %.2f/%.2f km2", len(results), len(plan.tiles),
                         sum(r["area_km2"] for r in results), plan.area_km2)
         manifest = finish_run(plan, results, time.perf_counter() - started,
-                              pipeline.log_embedded(results, time.perf_counter() - embedding))
+                              pipeline.embedded(results, time.perf_counter() - embedding))
     create_markdown_artifact(
         key="embed-region-summary",
         markdown=(

@@ -128,3 +128,30 @@ def test_block_readers_from_the_environment(monkeypatch):
     monkeypatch.setenv("ANYSAT_READER_POOL", "fork")
     with pytest.raises(RequestError, match="ANYSAT_READER_POOL='fork': give one of processes, threads"):
         reader_pool()
+
+
+def test_a_packed_square_comes_back_whole_and_aligned():
+    """Reader processes hand a square back as one buffer: every tensor, of any dtype and
+    shape, comes back equal, and a failed tile as it was."""
+    import pickle
+
+    from anysat.readers import ALIGN, _pack, _unpack
+
+    tiles = [Tile(32631, 3, 9, 600.0), Tile(32631, 4, 9, 600.0), Tile(32631, 5, 9, 600.0)]
+    batch = {"s2": torch.randn(1, 3, 9, 5, 5), "s2_mask": torch.rand(1, 3, 5, 5) > 0.5,
+             "s2_dates": torch.tensor([[1.0, 40.0, 71.0]]), "dem": torch.randn(1, 1, 1, 3, 3)[..., ::2, ::2]}
+    failed = {"tile": tiles[1].id, "failed": "tile 32631_600m_4_9: no data", "area_km2": 0.36}
+    loaded = [(tiles[0], batch, {"s2": ["2021-01"]}, 0.5), failed,
+              (tiles[2], {k: v * 2 if v.is_floating_point() else ~v for k, v in batch.items()},
+               {}, 0.25)]
+    buffer, layout = pickle.loads(pickle.dumps(_pack(loaded)))
+    assert buffer.dtype == torch.uint8 and buffer.dim() == 1
+    back = _unpack(buffer, layout)
+    assert back[1] == failed
+    for (tile, got, dates, seconds), (tile0, want, dates0, seconds0) in zip(back[::2], loaded[::2]):
+        assert (tile, dates, seconds) == (tile0, dates0, seconds0)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key].dtype == value.dtype and got[key].shape == value.shape
+            assert got[key].data_ptr() % ALIGN == buffer.data_ptr() % ALIGN
+            torch.testing.assert_close(got[key], value, rtol=0, atol=0)
