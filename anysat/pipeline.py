@@ -35,7 +35,7 @@ from .products.cog import export_cogs
 from .products.stac import write_stac
 from .redact import without_secrets
 from .products.vectors import layer_vectors
-from .products.zarr_layer import read_layer
+from .products.zarr_layer import read_layer, read_preview_cells
 from .readers import BlockReaders, InTurn
 from .request import INT8_FROM_KM2, RegionRequest
 from .stac.search import no_items_message
@@ -81,7 +81,7 @@ def plan_run(request: RegionRequest, create_layers: bool = True) -> RunPlan:
                                                 request.start, request.end, request.max_cloud))
         log.info("%s: items over %d of %d tiles", spec.name, with_items, len(plan.tiles))
     for zone in plan.zones if create_layers else ():
-        create_layer(plan.layer_uri(zone.epsg), zone.grid, attrs={
+        create_layer(plan.layer_uri(zone.epsg), zone.grid, preview_max_side=PREVIEW_MAX_SIDE, attrs={
             "model": request.model, "model_sha256": plan.fingerprint["model_sha256"],
             "plan_hash": plan.hash, "sensors": ",".join(s.name for s in specs),
             "start": str(request.start), "end": str(request.end),
@@ -335,10 +335,8 @@ def finish_run(plan: RunPlan, results: list[dict] | TileTally, seconds: float,
     layers = []
     for zone in plan.zones:
         started = time.perf_counter()
-        layer = read_layer(plan.layer_uri(zone.epsg))
-        # fitted on a sample, drawn tile by tile: a continent's layer is never in memory
-        width, height = maps.write_png(maps.render(layer, maps.pca_colour(maps.sample_pixels(layer)),
-                                                   PREVIEW_MAX_SIDE), plan.preview_uri(zone.epsg))
+        width, height = maps.write_png(preview(plan.layer_uri(zone.epsg)),
+                                       plan.preview_uri(zone.epsg))
         preview_s = time.perf_counter() - started
         layers.append({"epsg": zone.epsg, "layer": plan.layer_uri(zone.epsg),
                        "preview": plan.preview_uri(zone.epsg), "tiles": zone.tiles,
@@ -366,6 +364,18 @@ def finish_run(plan: RunPlan, results: list[dict] | TileTally, seconds: float,
     storage.write_bytes_atomic(plan.manifest_uri, json.dumps(manifest, indent=2).encode())
     log.info("wrote %d layer(s) and the manifest %s", len(layers), plan.manifest_uri)
     return manifest
+
+
+def preview(layer_uri: str) -> np.ndarray:
+    """A layer's PCA-RGB preview, its colours fitted on a sample, drawn in row bands from its
+    preview cells (`read_preview_cells`: the overview, or a float32 layer no wider than the
+    preview), else tile by tile from the layer (int8, or wide and made before overviews).
+    A continent's layer is never in memory, nor read back whole."""
+    cells = read_preview_cells(layer_uri, PREVIEW_MAX_SIDE)
+    if cells is not None:
+        return maps.render_cells(cells, maps.pca_colour(maps.sample_cells(cells)))
+    layer = read_layer(layer_uri)
+    return maps.render(layer, maps.pca_colour(maps.sample_pixels(layer)), PREVIEW_MAX_SIDE)
 
 
 def grouped_failures(failed: list[dict], shown: int = 10) -> str:

@@ -4,8 +4,8 @@ core), and beside a model on an accelerator in reader processes (default) or thr
 Processes, because a block read holds Python's GIL for about 60 % of its time (odc-stac's
 per-asset set-up, GDAL's opens; py-spy --gil on the demo's squares): reader threads then wait
 on each other and on the thread that drives the device. On 2 cores, the reads alone of 64
-tiles in squares of 16 (benchmarks/block_reads.py): 7.6-8.1 km2/s on one reader, 9.3 on two
-threads, 12.8 on two processes.
+tiles in squares of 16 (benchmarks/block_reads.py): 8.3 km2/s on one reader process, 8.3-8.6
+on two threads, 12.8 on two processes.
 A square's batches come back through shared memory, packed into one buffer (`_pack`).
 """
 
@@ -98,7 +98,7 @@ def _pack(loaded: Loaded) -> tuple[torch.Tensor, Loaded]:
     the run's process as one shared-memory segment. torch shares each tensor as its own
     (9 a tile: each a /dev/shm file and a descriptor passed over a socket, in turn). Squares
     of 16 tiles of 2 MB on 2 cores: 3.6 ms a tile of the run's process went to taking them
-    apart, 0.5 ms packed; a GPU host's run takes a tile every 3 ms or less."""
+    apart, 0.5 ms packed (at 28 km2/s a run takes a 600 m tile every 13 ms)."""
     layout: Loaded = []
     size = 0
     for entry in loaded:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import xarray as xr
+import zarr
 from affine import Affine
 from PIL import Image
 from shapely.geometry.base import BaseGeometry
@@ -23,10 +24,11 @@ from shapely.geometry.base import BaseGeometry
 from .. import storage
 from ..errors import AnySatError
 from .cog import block_window, write_cog
-from .zarr_layer import LayerGrid, embeddings, layer_grid
+from .zarr_layer import LayerGrid, embeddings, layer_grid, pool_factor, pool_mean
 
 NO_CLASS = 255
 SAMPLE = 20_000  # pixels a map's model is fitted on
+BAND_BYTES = 64 * 2**20  # an overview is read in row bands of about this many bytes
 POLYGON_PATCHES = 2_000  # patches a labelled polygon contributes at most
 
 
@@ -56,40 +58,64 @@ def sample_pixels(ds: xr.Dataset, n: int = SAMPLE, seed: int = 0) -> np.ndarray:
     return np.concatenate(picked)[:n] if picked else np.zeros((0, grid.dim), np.float32)
 
 
-def _pool_factor(grid: LayerGrid, max_side: int) -> int:
-    """Average-pool factor so that the preview's longer side is at most max_side pixels (a
-    divisor of the tile's side, so tiles pool whole)."""
-    side = max(grid.n_rows, grid.n_cols) * grid.tile_px
-    need = math.ceil(side / max_side)
-    return next(f for f in range(1, grid.tile_px + 1) if grid.tile_px % f == 0 and f >= need) \
-        if need <= grid.tile_px else grid.tile_px
-
-
 def render(ds: xr.Dataset, colour: Callable[[np.ndarray], np.ndarray], max_side: int,
            pool: str = "mean") -> np.ndarray:
     """An RGBA preview: each tile pooled by `pool` (mean, or the first pixel of each cell for
     classes), `colour` maps [n, D] valid embeddings to [n, 4] uint8."""
     grid = layer_grid(ds)
-    f = _pool_factor(grid, max_side)
+    f = pool_factor(grid, max_side)
     side = grid.tile_px // f
     canvas = np.zeros((grid.n_rows * side, grid.n_cols * side, 4), dtype=np.uint8)
     for y, x in _tiles(grid):
         values = embeddings(ds, y, x)
-        cells = values.reshape(side, f, side, f, grid.dim)
-        if pool == "mean":
-            valid = np.isfinite(cells).all(-1)
-            counts = valid.sum(axis=(1, 3))
-            sums = np.where(valid[..., None], cells, 0).sum(axis=(1, 3))
-            pooled = np.where(counts[..., None] > 0, sums / np.maximum(counts, 1)[..., None], np.nan)
-        else:
-            pooled = cells[:, 0, :, 0]
-        flat = pooled.reshape(-1, grid.dim)
-        ok = np.isfinite(flat).all(axis=1)
-        rgba = np.zeros((len(flat), 4), dtype=np.uint8)
-        if ok.any():
-            rgba[ok] = colour(flat[ok])
+        pooled = pool_mean(values, f) if pool == "mean" else values[::f, ::f]
         canvas[y.start // f:y.start // f + side, x.start // f:x.start // f + side] = \
-            rgba.reshape(side, side, 4)
+            _coloured(pooled, colour)
+    return canvas
+
+
+def _coloured(cells: np.ndarray, colour: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """[h, w, D] (NaN rows: no data) -> [h, w, 4] uint8, transparent where no data."""
+    flat = cells.reshape(-1, cells.shape[-1])
+    ok = np.isfinite(flat).all(axis=1)
+    rgba = np.zeros((len(flat), 4), dtype=np.uint8)
+    if ok.any():
+        rgba[ok] = colour(flat[ok])
+    return rgba.reshape(*cells.shape[:2], 4)
+
+
+def _bands(cells: zarr.Array) -> list[slice]:
+    """Row bands of an overview of about BAND_BYTES each, whole tiles high: zarr fetches a
+    band's chunks at once (a round trip each on object storage)."""
+    side = cells.chunks[0]
+    rows = max(1, BAND_BYTES // (side * cells.shape[1] * cells.shape[2] * 4)) * side
+    return [slice(y0, y0 + rows) for y0 in range(0, cells.shape[0], rows)]
+
+
+def sample_cells(cells: zarr.Array, n: int = SAMPLE, seed: int = 0) -> np.ndarray:
+    """Up to n valid overview cells [n, D] (a layer's tiles mean-pooled: `read_overview`),
+    from row bands in a random order, each giving a few."""
+    rng = np.random.default_rng(seed)
+    bands = _bands(cells)
+    per_band = max(1, math.ceil(n / len(bands)) * 2)
+    picked, total = [], 0
+    for i in rng.permutation(len(bands)):
+        values = cells[bands[i]].reshape(-1, cells.shape[2])
+        values = values[np.isfinite(values).all(axis=1)]
+        if len(values):
+            picked.append(values[rng.choice(len(values), min(per_band, len(values)), replace=False)])
+            total += len(picked[-1])
+        if total >= n:
+            break
+    return np.concatenate(picked)[:n] if picked else np.zeros((0, cells.shape[2]), np.float32)
+
+
+def render_cells(cells: zarr.Array, colour: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The mean-pooled preview (`render`'s) drawn from a layer's overview, a band at a time:
+    the layer itself is never read."""
+    canvas = np.zeros((*cells.shape[:2], 4), dtype=np.uint8)
+    for band in _bands(cells):
+        canvas[band] = _coloured(cells[band], colour)
     return canvas
 
 

@@ -9,11 +9,12 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from anysat.cli import DEMO_BBOX, DEMO_DATES
 from anysat import pipeline
 from anysat.pipeline import run_region
-from anysat.products.zarr_layer import read_layer
+from anysat.products.zarr_layer import pool_mean, read_layer, read_overview
 from anysat.request import RegionRequest
 
 pytestmark = pytest.mark.integration
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.integration
 def test_batched_inference_equals_one_tile_per_forward(tmp_path, monkeypatch):
     layers = {}
     monkeypatch.setenv("ANYSAT_BLOCK_READERS", "2")
+    monkeypatch.setattr(pipeline, "PREVIEW_MAX_SIDE", 10)  # 20 x 20 px layers: an overview, f 2
     for name, batch_size, overlapped in (("one", 1, False), ("four", 4, False),
                                          ("processes", 4, True), ("threads", 4, True)):
         monkeypatch.setattr(pipeline, "overlaps_io", lambda model: overlapped)
@@ -37,6 +39,11 @@ def test_batched_inference_equals_one_tile_per_forward(tmp_path, monkeypatch):
     np.testing.assert_allclose(four, one, rtol=1e-4, atol=1e-5)   # float32 batched matmuls
     np.testing.assert_array_equal(layers["processes"], four)   # the same reads and forwards
     np.testing.assert_array_equal(layers["threads"], four)
+    # the writer pooled each tile into the overview the preview was drawn from
+    cells, f = read_overview(manifest["layers"][0]["layer"])
+    assert f == 2 and cells.shape == (10, 10, one.shape[2])
+    np.testing.assert_array_equal(cells[:], pool_mean(layers["threads"], 2))
+    assert Image.open(manifest["layers"][0]["preview"]).size == (260, 260)  # 10 px, upscaled
 
 
 def test_a_killed_reader_process_is_a_clear_error_and_a_rerun_completes(tmp_path, monkeypatch):

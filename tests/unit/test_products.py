@@ -63,6 +63,46 @@ def test_pca_preview_png_drawn_tile_by_tile(tmp_path):
     assert pooled.shape == (4, 4, 4)                              # tiles average-pooled 5 x 5
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_a_layer_wider_than_its_preview_gets_an_overview_that_draws_the_same_preview(tmp_path, dtype):
+    """Each tile is pooled into the overview as it is written, so a continent's preview never
+    reads its layer back; drawn from the overview, a float32 layer's preview is the one drawn
+    from the layer, pixel for pixel. An int8 layer's overview pools the float values."""
+    from anysat.products.zarr_layer import pool_mean, read_overview, read_preview_cells
+
+    uri = str(tmp_path / "layer.zarr")
+    grid = LayerGrid.covering(TILES, patch_size_m=60, dim=16, dtype=dtype)  # 2 x 2 tiles of 10 px
+    create_layer(uri, grid, {}, preview_max_side=4)               # 20 px: pooled 5 x 5
+    rng = np.random.default_rng(3)
+    written = {}
+    for tile in TILES:                                            # the fourth tile stays empty
+        written[tile.id] = rng.normal(size=(10, 10, 16)).astype("float32")
+        written[tile.id][:5, :7] = np.nan                         # a cell half empty, one empty
+        write_tile(uri, grid, tile, written[tile.id].copy())
+    cells, f = read_overview(uri)
+    assert f == 5 and cells.shape == (4, 4, 16) and cells.chunks == (2, 2, 16)
+    assert sorted(read_layer(uri).data_vars) == (["embedding"] if dtype == "float32" else ["embedding", "scale"])
+    region = grid.tile_region(TILES[2])
+    y, x = region["y"].start // f, region["x"].start // f
+    np.testing.assert_array_equal(cells[y:y + 2, x:x + 2], pool_mean(written[TILES[2].id], 5))
+    empty = grid.tile_region(Tile(32631, 1106, 9352, 600.0))      # the tile not written
+    assert np.isnan(cells[empty["y"].start // f:, :empty["x"].stop // f]).all()
+    assert np.isfinite(cells[:]).all(-1).sum() == 3 * 3       # per tile: 1 of 4 cells empty
+    sample = maps.sample_cells(cells)
+    assert sample.shape == (9, 16) and np.isfinite(sample).all()
+    colour = maps.pca_colour(sample)
+    drawn = maps.render_cells(cells, colour)
+    assert drawn.shape == (4, 4, 4) and (drawn[..., 3] == 255).sum() == 9
+    if dtype == "float32":
+        np.testing.assert_array_equal(drawn, maps.render(read_layer(uri), colour, max_side=4))
+    np.testing.assert_array_equal(read_preview_cells(uri, 4)[:], cells[:])  # the overview
+    small = str(tmp_path / "small.zarr")
+    create_layer(small, grid, {}, preview_max_side=2048)
+    assert read_overview(small) is None                # no wider than the preview: no overview,
+    own = read_preview_cells(small, 2048)              # a float32 layer's pixels are its cells
+    assert own.shape == (20, 20, 16) if dtype == "float32" else own is None
+
+
 def test_int8_layer_round_trip_keeps_the_direction_of_every_embedding(tmp_path):
     from anysat.products import embeddings
     from anysat.products.quantize import NODATA
