@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
@@ -11,6 +12,24 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .errors import OutputNotWritableError
+
+
+class _OrphanedRequest(logging.Filter):
+    """asyncio logs a background request that failed after its caller had given up (an S3
+    PUT's body still in flight when the store went away, under zarr's writes) with its whole
+    traceback. The write that failed is reported by its caller, clearly, with what to do:
+    this one becomes a one-line warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and str(record.msg).startswith("Task exception was never retrieved"):
+            exc = record.exc_info[1]
+            record.msg, record.args = f"a background request failed: {type(exc).__name__}: {exc}", ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("asyncio").addFilter(_OrphanedRequest())
 
 
 def normalize_uri(uri: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import pickle
 import shutil
 from pathlib import Path
@@ -215,3 +216,27 @@ def test_an_estimate_with_tiles_no_run_could_take_is_refused(capsys):
     """The estimate checks sizes as a run does: 2,560 m is no whole number of 30 m patches."""
     assert cli.main(["plan", "--estimate", "--bbox=-10,35,30,70", "--tile-size-m", "2560"]) == 2
     assert "tile_size_m 2560 is not a multiple of patch_size_m 30" in capsys.readouterr().err
+
+
+def test_a_background_request_that_failed_is_one_line_not_a_traceback(caplog):
+    """An S3 PUT still in flight under zarr when the store goes away fails in a task nobody
+    awaits; asyncio would log its traceback beside the run's own clear error."""
+    import asyncio
+    import gc
+
+    import anysat.storage  # noqa: F401 - installs the filter
+
+    async def put():
+        raise ConnectionResetError("Cannot write to closing transport")
+
+    async def run():
+        asyncio.ensure_future(put())
+        await asyncio.sleep(0.01)
+
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        asyncio.run(run())
+        gc.collect()
+    [record] = [r for r in caplog.records if r.name == "asyncio"]
+    assert record.levelname == "WARNING" and record.exc_info is None
+    assert record.getMessage() == ("a background request failed: ConnectionResetError: "
+                                   "Cannot write to closing transport")
