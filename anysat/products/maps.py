@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import numpy as np
 import xarray as xr
@@ -43,19 +44,24 @@ def sample_pixels(ds: xr.Dataset, n: int = SAMPLE, seed: int = 0) -> np.ndarray:
     """Up to n valid pixels [n, D], drawn from tiles in a random order (a few per tile, so a
     large layer is sampled everywhere without reading it all); [0, D] for an empty layer."""
     grid = layer_grid(ds)
+    return _sample([partial(embeddings, ds, y, x) for y, x in _tiles(grid)], grid.dim, n, seed)
+
+
+def _sample(reads: list[Callable[[], np.ndarray]], dim: int, n: int, seed: int) -> np.ndarray:
+    """Up to n valid rows [n, D] of what `reads` give ([..., D] each), taken in a random
+    order, a few rows from each, until there are n."""
     rng = np.random.default_rng(seed)
-    windows = list(_tiles(grid))
-    per_tile = max(1, math.ceil(n / len(windows)) * 2)
+    per_read = max(1, math.ceil(n / len(reads)) * 2)
     picked, total = [], 0
-    for i in rng.permutation(len(windows)):
-        values = embeddings(ds, *windows[i]).reshape(-1, grid.dim)
+    for i in rng.permutation(len(reads)):
+        values = reads[i]().reshape(-1, dim)
         values = values[np.isfinite(values).all(axis=1)]
         if len(values):
-            picked.append(values[rng.choice(len(values), min(per_tile, len(values)), replace=False)])
+            picked.append(values[rng.choice(len(values), min(per_read, len(values)), replace=False)])
             total += len(picked[-1])
         if total >= n:
             break
-    return np.concatenate(picked)[:n] if picked else np.zeros((0, grid.dim), np.float32)
+    return np.concatenate(picked)[:n] if picked else np.zeros((0, dim), np.float32)
 
 
 def render(ds: xr.Dataset, colour: Callable[[np.ndarray], np.ndarray], max_side: int,
@@ -94,20 +100,9 @@ def _bands(cells: zarr.Array) -> list[slice]:
 
 def sample_cells(cells: zarr.Array, n: int = SAMPLE, seed: int = 0) -> np.ndarray:
     """Up to n valid overview cells [n, D] (a layer's tiles mean-pooled: `read_overview`),
-    from row bands in a random order, each giving a few."""
-    rng = np.random.default_rng(seed)
-    bands = _bands(cells)
-    per_band = max(1, math.ceil(n / len(bands)) * 2)
-    picked, total = [], 0
-    for i in rng.permutation(len(bands)):
-        values = cells[bands[i]].reshape(-1, cells.shape[2])
-        values = values[np.isfinite(values).all(axis=1)]
-        if len(values):
-            picked.append(values[rng.choice(len(values), min(per_band, len(values)), replace=False)])
-            total += len(picked[-1])
-        if total >= n:
-            break
-    return np.concatenate(picked)[:n] if picked else np.zeros((0, cells.shape[2]), np.float32)
+    from row bands in a random order, a few from each."""
+    return _sample([partial(cells.__getitem__, band) for band in _bands(cells)], cells.shape[2],
+                   n, seed)
 
 
 def render_cells(cells: zarr.Array, colour: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
