@@ -155,3 +155,17 @@ def test_a_packed_square_comes_back_whole_and_aligned():
             assert got[key].dtype == value.dtype and got[key].shape == value.shape
             assert got[key].data_ptr() % ALIGN == buffer.data_ptr() % ALIGN
             torch.testing.assert_close(got[key], value, rtol=0, atol=0)
+
+
+def test_reader_processes_yield_the_cpu_to_the_run():
+    """Readers run at a lower priority than the run's process, whose thread drives the device."""
+    import os
+
+    import psutil
+
+    from anysat import readers
+
+    readers.start_readers(1)
+    [pid] = list(readers._pools[1]._processes)
+    assert readers.READER_NICE > 0
+    assert psutil.Process(pid).nice() == min(19, os.nice(0) + readers.READER_NICE)
