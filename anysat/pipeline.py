@@ -190,16 +190,9 @@ def _unfinished(plan: RunPlan, tile_ids: list[str]) -> Iterator[tuple[list[dict]
     with (InTurn() if storage.is_local(plan.uri) else ThreadPoolExecutor(MARKER_READS)) as pool:
         for start, end in zip(cuts, cuts[1:]):
             ids = tile_ids[start:end]
-            markers = list(pool.map(_marker, [plan.marker_uri(t) for t in ids]))
+            markers = list(pool.map(storage.read_json, [plan.marker_uri(t) for t in ids]))
             yield ([{**m, "skipped": True} for m in markers if m is not None],
                    [plan.tile(t) for t, m in zip(ids, markers) if m is None])
-
-
-def _marker(uri: str) -> dict | None:
-    try:
-        return json.loads(storage.read_bytes(uri))
-    except FileNotFoundError:
-        return None
 
 
 def overlaps_io(model: AnySat) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -60,6 +61,14 @@ def exists(uri: str) -> bool:
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     return fs.cat_file(path)
+
+
+def read_json(uri: str) -> dict | list | None:
+    """The JSON document at uri, or None where there is none (one round trip, not two)."""
+    try:
+        return json.loads(read_bytes(uri))
+    except FileNotFoundError:
+        return None
 
 
 def _local_temp(path: str, data: bytes) -> str:

@@ -82,9 +82,9 @@ def _summary_uri(plan: RunPlan, block: str) -> str:
 def _block_results(plan: RunPlan, block: str, ids: list[str]) -> list[dict]:
     """The block's tiles' patch counts: its run's summary, or (a run that died before
     writing it, its tiles all done) the tiles' own markers."""
-    uri = _summary_uri(plan, block)
-    if storage.exists(uri):
-        return json.loads(storage.read_bytes(uri))
+    summary = storage.read_json(_summary_uri(plan, block))
+    if summary is not None:
+        return summary
     return [json.loads(storage.read_bytes(plan.marker_uri(t))) for t in ids]
 
 
@@ -93,8 +93,7 @@ def _record_uri(plan: RunPlan, block: str) -> str:
 
 
 def _read_record(plan: RunPlan, block: str) -> dict:
-    uri = _record_uri(plan, block)
-    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
+    return storage.read_json(_record_uri(plan, block)) or {}
 
 
 def _write_record(plan: RunPlan, block: str, record: dict) -> None:

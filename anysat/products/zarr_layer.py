@@ -185,7 +185,10 @@ def write_tile(uri: str, grid: LayerGrid, tile: Tile, patches: np.ndarray) -> No
 def read_overview(uri: str, mode: str = "r") -> tuple[zarr.Array, int] | None:
     """A layer's overview cells [H/f, W/f, D] and their pool factor f, if it has one
     (`create_layer`; layers made before overviews have none)."""
-    group = zarr.open_group(uri, mode=mode, zarr_format=3)
+    return _overview(zarr.open_group(uri, mode=mode, zarr_format=3))
+
+
+def _overview(group: zarr.Group) -> tuple[zarr.Array, int] | None:
     if OVERVIEW not in group:
         return None
     overview = group[OVERVIEW]
@@ -197,10 +200,10 @@ def read_preview_cells(uri: str, max_side: int) -> zarr.Array | None:
     chunks of a tile: the overview; or, for a float32 layer no wider than the preview, the
     layer itself (its pixels are its cells); None for others (int8 layers: dequantised tile
     by tile; wide layers made before overviews)."""
-    overview = read_overview(uri)
+    group = zarr.open_group(uri, mode="r", zarr_format=3)
+    overview = _overview(group)
     if overview is not None:
         return overview[0]
-    group = zarr.open_group(uri, mode="r", zarr_format=3)
     saved = group.attrs.get(GRID_ATTR)
     if saved is None or group["embedding"].dtype != np.float32:
         return None
