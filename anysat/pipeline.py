@@ -131,7 +131,7 @@ def embed_stream(plan: RunPlan, tile_ids: list[str], waits: Counter | None = Non
     layers: dict[int, LayerWriter] = {}  # per zone, opened at its first tile
     with BlockReaders(plan, overlap) as readers, _writer(overlap) as writer:
         # tiles read ahead of the forward: a batch's worth, and every reader busy with a square
-        ahead = max(PREFETCH_BATCHES * n, readers.workers * plan.square_side**2)
+        ahead = max(PREFETCH_BATCHES * n, readers.workers * plan.read_side**2)
         pending: deque = deque()
         while True:
             while sum(len(block) for _, block in pending) < ahead:

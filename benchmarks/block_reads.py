@@ -2,9 +2,10 @@
 processes against reader threads, 1 to N at once (what feeds a GPU, without the GPU).
 
 The 64 tiles of 600 m of `embed_region.py` (the demo's real pixels repeated), planned once;
-their 4 squares of 16 tiles are read `--rounds` times over (4, or 8 squares per reader), as
+their squares (the plan's `read_side`: one of 8 x 8 tiles) are read `--rounds` times over
+(4, or 8 squares per reader), as
 `pipeline.embed_tiles` reads them (`readers.BlockReaders`), batches taken back in the caller.
-One JSON line per case: case, pool, workers, squares, km2_per_s, seconds, cpus. Reader
+One JSON line per case: case, pool, workers, squares, read_side, km2_per_s, seconds, cpus. Reader
 processes are started before timing (a run starts them once per process).
 
     .venv/bin/python benchmarks/block_reads.py [--workers 1 2 4 8] [--pools processes threads]
@@ -58,8 +59,10 @@ def main() -> None:
                     tiles = sum(len(readers.result(future)) for future in futures)
                 seconds = time.perf_counter() - begun
                 area = tiles * request.tile_size_m ** 2 / 1e6
-                print(json.dumps({"case": f"squares_of_16_tiles_{pool}_{workers}", "pool": pool,
-                                  "workers": workers, "squares": len(futures),
+                side = plan.read_side
+                print(json.dumps({"case": f"squares_of_{side}x{side}_tiles_{pool}_{workers}",
+                                  "pool": pool, "workers": workers, "squares": len(futures),
+                                  "read_side": side,
                                   "km2_per_s": round(area / seconds, 2),
                                   "seconds": round(seconds, 2), "cpus": os.cpu_count()}), flush=True)
 

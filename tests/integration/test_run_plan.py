@@ -14,7 +14,7 @@ import shapely
 import xarray as xr
 from shapely.geometry import box
 
-from anysat.plan import make_plan, read_plan, tile_footprints
+from anysat.plan import make_plan, read_plan, read_side, tile_footprints
 from anysat.request import RegionRequest
 from anysat.stac import resolve_provider, search_sensors
 from anysat.tiles import ZoneTiles
@@ -61,6 +61,15 @@ def test_plan_is_written_read_back_and_holds_each_tiles_items(tmp_path):
             {s: [i.id for i in v] for s, v in alone.items() if v}
         assert all(a.get_absolute_href().startswith("/") for v in planned.values()
                    for i in v for a in i.assets.values())
+
+    # how tiles are grouped into reads is the plan's (300 m tiles: squares of 8 x 8); a plan
+    # saved before it was recorded reads as it did then (4 x 4), whatever READ_SIDE is now
+    saved = json.loads((out / "plan.json").read_text())
+    assert saved["read_side"] == plan.read_side == read_side(300) == 8
+    assert read_side(600) == 8 and read_side(2400) == 2 and read_side(10_000) == 1
+    del saved["read_side"]
+    (out / "plan.json").write_text(json.dumps(saved))
+    assert read_plan(str(out)).read_side == 4
 
 
 def test_a_changed_rerun_into_the_same_output_is_refused(tmp_path):
