@@ -2,26 +2,28 @@
 # Every GPU check the open work needs, as one script for the device tool (a lent GPU machine:
 # torch there, the rest from .whl/site.tar.xz, made here by gpu_wheels.sh):
 #   1. embed-region throughput, base, bf16, 256 tiles of 600 m (92 km2) at 64 tiles per
-#      forward with 14 reader processes, then with the default (8 on 16 cores), and 36 tiles
+#      forward with the default reader processes (8 on 16 cores), then 4, and 36 tiles
 #      of 2,400 m (207 km2, the continental deployment's size; 64 tiles did not finish in
 #      100 s, their catalog of 21 x 21 km included) at 8 per forward: km2/s end to end,
 #      embedding alone (no plan, no preview) and where its stream waited, forward alone and
 #      reads alone (benchmarks/embed_region.py);
-#   2. a training step's host and device time, tiny and base, batch 64 and 256
+#   2. a training step's host and device time, tiny and base, batch 64, 256 and 1024
 #      (benchmarks/train_step_profile.py; PART=2 only);
-#   3. pretraining throughput, tiny and base, bf16, batch 64 and 256: samples/s, GPU busy,
+#   3. pretraining throughput, tiny and base, bf16, batch 64, 256 and 1024 (on 2026-11-27
+#      the GPU was 48 % busy at 256 and its host time per step grew less than its device
+#      time with the batch): samples/s, GPU busy,
 #      loader wait (benchmarks/train_throughput.py, chips ingested there in the current format);
 #   4. a short base pretraining on the shipped checkpoint's data and its probe table.
 # Each step has its own time limit, and writes what it measured under $OUT as it goes, so a
 # step cut short still leaves the others' lines.
-# PART=all (default): steps 1, 3 and 4 in one call, about 8-9 minutes on an H100 (on
-# 2026-11-27 a 490 s call ended in the evaluation, the last step), for a session with 15
-# minutes of device time (the machine starts in about 35 s). PART=1: step 1 (about 3.5 min);
-# PART=2: steps 2-4 (about 5.5 min).
+# PART=all (default): steps 1, 3 and 4 in one call, about 9-10 minutes on an H100 (on
+# 2026-11-27 a 490 s call, before batch 1024, ended in the evaluation, the last step), for a
+# session with 15 minutes of device time (the machine starts in about 35 s). PART=1: step 1
+# (about 3.5 min); PART=2: steps 2-4 (about 6.5 min).
 #
 #   here:  bash benchmarks/gpu_wheels.sh
-#   there: bash benchmarks/gpu_session.sh     (run: carry [".whl"], timeout_s 560; or PART=1,
-#          timeout_s 240, then at once PART=2, timeout_s 330: the machine goes after 30 s idle)
+#   there: bash benchmarks/gpu_session.sh     (run: carry [".whl"], timeout_s 600; or PART=1,
+#          timeout_s 240, then at once PART=2, timeout_s 400: the machine goes after 30 s idle)
 #   QUICK=1: base only at batch 64, no pretraining, when device time is short
 #   dry run here on the CPU, small sizes:  DEVICE=cpu PY=.venv/bin/python OUT=/tmp/out bash benchmarks/gpu_session.sh
 set -uo pipefail
@@ -38,12 +40,12 @@ if [ -z "${PY:-}" ]; then  # the device machine: its python3, and the packages c
 fi
 if [ "$DEVICE" = cpu ]; then
     DTYPE=fp32; TRAIN="--models tiny --layouts 1x2 --batch-sizes 8 --workers 1 --steps 20"
-    EMBED="--tiles 4 --batch-sizes 4"; EMBED_WIDE="--tiles 1 --batch-sizes 1"; READERS_MORE=2; BASE="--model tiny --steps 20 --batch-size 8 --workers 1"
+    EMBED="--tiles 4 --batch-sizes 4"; EMBED_WIDE="--tiles 1 --batch-sizes 1"; READERS_FEWER=1; BASE="--model tiny --steps 20 --batch-size 8 --workers 1"
     PROFILE="--models tiny --batch-sizes 8 --steps 2"
 else
-    DTYPE=bf16; TRAIN="--models tiny,base --layouts 1x4 --batch-sizes 64 256 --workers 12 --steps 20"
-    EMBED="--tiles 256 --batch-sizes 64"; EMBED_WIDE="--tiles 36 --batch-sizes 8"; READERS_MORE=14; BASE="--model base --steps 300 --batch-size 64 --workers 12"
-    PROFILE="--models tiny,base --batch-sizes 64 256 --steps 5"
+    DTYPE=bf16; TRAIN="--models tiny,base --layouts 1x4 --batch-sizes 64 256 1024 --workers 12 --steps 20"
+    EMBED="--tiles 256 --batch-sizes 64"; EMBED_WIDE="--tiles 36 --batch-sizes 8"; READERS_FEWER=4; BASE="--model base --steps 300 --batch-size 64 --workers 12"
+    PROFILE="--models tiny,base --batch-sizes 64 256 1024 --steps 5"
 fi
 [ -n "$QUICK" ] && [ "$DEVICE" != cpu ] && TRAIN="--models base --layouts 1x4 --batch-sizes 64 --workers 12 --steps 20"
 step() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.txt"; }
@@ -54,25 +56,24 @@ step "machine"
 print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee -a "$OUT/steps.txt" || exit 1
 
 if [ "$PART" != 2 ]; then
-step "embed-region throughput, 600 m tiles ($EMBED), $READERS_MORE readers then the default"
-# shellcheck disable=SC2086
-ANYSAT_BLOCK_READERS=$READERS_MORE timeout 70 $PY benchmarks/embed_region.py --device "$DEVICE" \
-    --dtype $DTYPE --model base $EMBED 2>&1 | grep -v WARNING | tee "$OUT/embed_region.jsonl"
+step "embed-region throughput, 600 m tiles ($EMBED), the default readers then $READERS_FEWER"
 # shellcheck disable=SC2086
 timeout 70 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE --model base $EMBED \
-    2>&1 | grep -v WARNING | tee -a "$OUT/embed_region.jsonl"
-step "embed-region throughput, 2,400 m tiles ($EMBED_WIDE), $READERS_MORE readers"
+    2>&1 | grep -v WARNING | tee "$OUT/embed_region.jsonl"
 # shellcheck disable=SC2086
-ANYSAT_BLOCK_READERS=$READERS_MORE timeout 130 $PY benchmarks/embed_region.py --device "$DEVICE" \
-    --dtype $DTYPE --model base --tile-size-m 2400 $EMBED_WIDE 2>&1 | grep -v WARNING \
-    | tee -a "$OUT/embed_region.jsonl"
+ANYSAT_BLOCK_READERS=$READERS_FEWER timeout 70 $PY benchmarks/embed_region.py --device "$DEVICE" \
+    --dtype $DTYPE --model base $EMBED 2>&1 | grep -v WARNING | tee -a "$OUT/embed_region.jsonl"
+step "embed-region throughput, 2,400 m tiles ($EMBED_WIDE), the default readers"
+# shellcheck disable=SC2086
+timeout 130 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE --model base \
+    --tile-size-m 2400 $EMBED_WIDE 2>&1 | grep -v WARNING | tee -a "$OUT/embed_region.jsonl"
 fi
 [ "$PART" = 1 ] && { step "done (part 1)"; exit 0; }
 
 if [ "$PART" = 2 ]; then
 step "training step, host against device ($PROFILE)"
 # shellcheck disable=SC2086
-timeout 75 $PY benchmarks/train_step_profile.py --device "$DEVICE" $PROFILE 2>&1 \
+timeout 100 $PY benchmarks/train_step_profile.py --device "$DEVICE" $PROFILE 2>&1 \
     | grep -v USDT | tee "$OUT/train_step_profile.jsonl"
 fi
 
@@ -84,7 +85,7 @@ timeout 45 $PY -m anysat.cli ingest --demo --chip-size-m 120 --store $CHIPS --ti
 
 step "pretraining throughput ($TRAIN)"
 # shellcheck disable=SC2086
-timeout 110 $PY benchmarks/train_throughput.py --chips $CHIPS --device "$DEVICE" --dtype $DTYPE \
+timeout 170 $PY benchmarks/train_throughput.py --chips $CHIPS --device "$DEVICE" --dtype $DTYPE \
     --stores local --log-every 10 $TRAIN 2>&1 | tee "$OUT/train_throughput.jsonl"
 
 [ -n "$QUICK" ] && [ "$DEVICE" != cpu ] && { step "done (quick)"; exit 0; }

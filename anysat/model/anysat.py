@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import ModelInputError
 from ..sizes import is_multiple
 from .config import AnySatConfig, ModalityConfig
-from .layers import Block, FusionBlock, branch_on_values, patch_centres_m, sincos_2d_m
+from .layers import Block, FusionBlock, branch_on_values, patch_codes_m
 from .projectors import BlockProjector, TemporalProjector
 from .subpatch import SubPatchEncoder
 
@@ -35,8 +35,10 @@ class Layout:
     def grid(self) -> int:
         return round(self.side_m / self.patch_size_m)
 
-    def centres_m(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        return patch_centres_m(self.grid, self.patch_size_m, device)
+    def codes(self, dim: int, device=None) -> torch.Tensor:
+        """[N, dim] sine-cosine codes of the patch centres, in units of POSITION_UNIT_M."""
+        return patch_codes_m(self.grid, self.patch_size_m, dim, POSITION_UNIT_M,
+                             torch.device(device or "cpu"))
 
 
 @dataclass
@@ -184,8 +186,7 @@ class AnySat(nn.Module):
     def positions(self, layout: Layout, patches: torch.Tensor | None, batch_size: int,
                   device=None) -> torch.Tensor:
         """[B, N, D] sine-cosine codes of the (kept) patch centres, in metres."""
-        cx, cy = layout.centres_m(device)
-        code = sincos_2d_m(cx, cy, self.config.dim, POSITION_UNIT_M) * POSITION_SCALE
+        code = layout.codes(self.config.dim, device) * POSITION_SCALE
         if patches is None:
             return code.expand(batch_size, -1, -1)
         return code[patches]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -167,3 +168,17 @@ def patch_centres_m(grid: int, patch_size_m: float, device=None) -> tuple[torch.
     centres = (torch.arange(grid, dtype=torch.float32, device=device) + 0.5) * patch_size_m
     cy, cx = torch.meshgrid(centres, centres, indexing="ij")
     return cx.reshape(-1), cy.reshape(-1)
+
+
+
+@lru_cache(maxsize=64)
+def patch_codes_m(grid: int, patch_size_m: float, dim: int, unit_m: float,
+                  device: torch.device) -> torch.Tensor:
+    """[grid * grid, dim] `sincos_2d_m` of the patch centres (`patch_centres_m`).
+
+    Made once per layout and device, not in every forward: with the sub-patch codes these
+    small ops were about a tenth of a training step's ops, each a kernel the host launches on
+    an accelerator. Never an inference tensor, whatever mode first asked for it (autograd
+    could not save one for backward); callers never write into it."""
+    with torch.inference_mode(False), torch.no_grad():
+        return sincos_2d_m(*patch_centres_m(grid, patch_size_m, device), dim, unit_m)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch import nn
 
@@ -15,6 +17,14 @@ def subpatch_offsets_m(patch_size_m: float, subpatch_m: float, device=None
     offsets = (torch.arange(k, dtype=torch.float32, device=device) + 0.5) * subpatch_m
     oy, ox = torch.meshgrid(offsets - patch_size_m / 2, offsets - patch_size_m / 2, indexing="ij")
     return ox.reshape(-1), oy.reshape(-1)
+
+
+@lru_cache(maxsize=64)
+def subpatch_codes_m(patch_size_m: float, subpatch_m: float, dim: int, device: torch.device
+                     ) -> torch.Tensor:
+    """[k * k, dim] codes of the sub-patch offsets, made once (as `layers.patch_codes_m`)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return sincos_2d_m(*subpatch_offsets_m(patch_size_m, subpatch_m, device), dim, unit_m=1.0)
 
 
 class SubPatchEncoder(nn.Module):
@@ -34,8 +44,7 @@ class SubPatchEncoder(nn.Module):
         """tokens [B, N, S, D], valid [B, N, S] -> patch tokens [B, N, D], patch valid [B, N],
         and the contextualised sub-patch tokens [B, N, S, D] when asked (for dense output)."""
         b, n, s, d = tokens.shape
-        ox, oy = subpatch_offsets_m(patch_size_m, subpatch_m, tokens.device)
-        x = tokens + sincos_2d_m(ox, oy, d, unit_m=1.0).to(tokens.dtype)
+        x = tokens + subpatch_codes_m(patch_size_m, subpatch_m, d, tokens.device).to(tokens.dtype)
         x = torch.cat([self.cls.expand(b * n, 1, d).to(x.dtype), x.view(b * n, s, d)], dim=1)
         keep = None
         if not branch_on_values(valid) or not bool(valid.all()):

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import AnySat
-from ..model.anysat import POSITION_UNIT_M, Layout
+from ..model.anysat import Layout
 from ..model.config import SIZES
-from ..model.layers import Block, branch_on_values, sincos_2d_m
+from ..model.layers import Block, branch_on_values
 from .masks import MultiBlockMasks, context_validity
 from .monitors import embedding_std, rankme
 
@@ -147,8 +147,7 @@ class JEPA(nn.Module):
                 else self.context_batch(batch, layout, generator))
         _, sensors, tile, context, per_sensor = self.encoder.forward_features(
             seen, patch_size_m, patches=context_idx, check_values=False)
-        cx, cy = layout.centres_m(device)
-        codes = sincos_2d_m(cx, cy, self.predictor.pred_dim, POSITION_UNIT_M)
+        codes = layout.codes(self.predictor.pred_dim, device)
         predicted = self.predictor(tile, context, codes[context_idx], codes[target_idx])
         targets = targets.to(predicted.dtype)
         if self.config.loss == "smooth_l1":
