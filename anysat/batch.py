@@ -12,15 +12,16 @@ import torch
 Batch = dict[str, torch.Tensor]
 
 
-def stack_samples(samples: list[Batch]) -> Batch:
-    """B = 1 batches with the same keys (pixels, `_mask`, `_dates` per sensor) -> one batch."""
+def stack_samples(samples: list[Batch], pin_memory: bool = False) -> Batch:
+    """B = 1 batches with the same keys (pixels, `_mask`, `_dates` per sensor) -> one batch,
+    in page-locked memory if `pin_memory` (copied to a GPU without blocking the host)."""
     keys = samples[0].keys()
     if any(s.keys() != keys for s in samples):
         raise ValueError("samples to stack must hold the same sensors")
-    return {key: pad_stack(key, [s[key][0] for s in samples]) for key in keys}
+    return {key: pad_stack(key, [s[key][0] for s in samples], pin_memory) for key in keys}
 
 
-def pad_stack(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+def pad_stack(key: str, tensors: list[torch.Tensor], pin_memory: bool = False) -> torch.Tensor:
     """Stack [T, ...] tensors along a new batch axis, padding T to the longest: pixels with
     0, masks with False, dates with the last date (finite, and masked anyway)."""
     t = max(x.shape[0] for x in tensors)
@@ -31,4 +32,7 @@ def pad_stack(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
                     else torch.zeros(t - x.shape[0], *x.shape[1:], dtype=x.dtype))
             x = torch.cat([x, fill.to(x.dtype)])
         padded.append(x)
-    return torch.stack(padded)
+    if not pin_memory:
+        return torch.stack(padded)
+    out = torch.empty((len(padded), *padded[0].shape), dtype=padded[0].dtype, pin_memory=True)
+    return torch.stack(padded, out=out)

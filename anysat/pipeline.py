@@ -105,8 +105,9 @@ def embed_stream(plan: RunPlan, tile_ids: list[str], waits: Counter | None = Non
     `batch_size` tiles go through one forward. Beside an accelerator, the next squares are
     read while the model runs (`BlockReaders`: reader processes, PREFETCH_BATCHES batches
     ahead at least, so memory stays flat in the number of tiles, and reading never pauses
-    for the caller: a whole run is one stream) and tiles are written on another thread while
-    the next batch runs. A model on the CPU already uses every core: there reads and writes
+    for the caller: a whole run is one stream), the next batch is stacked and copied while
+    the device runs the one before (`_launch`), and tiles are written on another thread
+    while the next batch runs. A model on the CPU already uses every core: there reads and writes
     take turns with it (`overlaps_io`). Done-markers are looked up a search block at a time,
     as the reads reach it (`_unfinished`). `waits`, if given, adds up the seconds this
     thread spent on reads (`reads_s`: waiting for them, or reading in turn), in the model
@@ -127,6 +128,7 @@ def embed_stream(plan: RunPlan, tile_ids: list[str], waits: Counter | None = Non
     n = request.batch_size
     overlap = overlaps_io(model)
     in_hand: list = []
+    flying: list[_Forward] = []  # the batch on the device while the next one is made ready
     writes: deque = deque()  # at most a batch of tiles behind the model
     layers: dict[int, LayerWriter] = {}  # per zone, opened at its first tile
     with BlockReaders(plan, overlap) as readers, _writer(overlap) as writer:
@@ -147,18 +149,18 @@ def embed_stream(plan: RunPlan, tile_ids: list[str], waits: Counter | None = Non
                 pending.append((readers.submit(block, square), block))
                 waits["reads_s"] += time.perf_counter() - started
             if len(in_hand) >= n or not pending:  # a forward's worth, or the last tiles
-                if not in_hand:
+                if not in_hand and not flying:
                     break
                 group, in_hand = in_hand[:n], in_hand[n:]
                 started = time.perf_counter()
-                for args in _embed_group(plan, model, group):
-                    waits["model_s"] += time.perf_counter() - started
+                landing, flying = flying, _launch(plan, model, group)
+                waits["model_s"] += time.perf_counter() - started
+                for args in _landed(landing, waits):
                     while len(writes) >= n:
                         yield _waited(waits, writes.popleft())
                     started = time.perf_counter()  # in turn: the write itself
                     writes.append(writer.submit(_write_tile, plan, layers, *args))
                     waits["writes_s"] += time.perf_counter() - started
-                    started = time.perf_counter()
                 continue
             started = time.perf_counter()
             square = readers.result(pending.popleft()[0])
@@ -206,29 +208,69 @@ def _writer(overlap: bool) -> Executor:
     return ThreadPoolExecutor(max_workers=1) if overlap else InTurn()
 
 
-def _embed_group(plan: RunPlan, model: AnySat,
-                 group: list[tuple[Tile, dict, dict, float]]) -> Iterator[tuple]:
-    """One forward per set of sensors present among the group's tiles; yields each tile's
-    `_write_tile` arguments after the plan."""
+@dataclass
+class _Forward:
+    """A forward of tiles with the same sensors, launched: its patches reach the host once
+    `landed` (on a GPU, copied without blocking the host, after the event `done`)."""
+    items: list                          # (tile, batch, dates, read seconds)
+    patches: torch.Tensor | None         # [B, H/P, W/P, D] float32 on the host
+    valid: np.ndarray | None             # [B, H/P, W/P] bool
+    done: torch.cuda.Event | None
+    seconds: float                       # the host's, launching it
+
+
+def _launch(plan: RunPlan, model: AnySat, group: list[tuple[Tile, dict, dict, float]]
+            ) -> list[_Forward]:
+    """One forward per set of sensors present among the group's tiles, queued on the device.
+    On a GPU the host does not wait for it: it lands (`_landed`) after the next group is
+    launched, so the device runs one batch while the host stacks and copies the next one
+    (from page-locked memory), and the values' checks, which would make it wait, are left
+    out (a run's batches are finite where their masks say valid: `cube.batch`). Patch
+    validity comes from the masks on the host."""
     request = plan.request
     by_sensors: dict[frozenset, list] = {}
     for item in group:
         by_sensors.setdefault(frozenset(item[1]), []).append(item)
+    device = next(model.parameters()).device
+    gpu = device.type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(request.dtype)
+    launched = []
     for keys, items in by_sensors.items():
         started = time.perf_counter()
-        patches = valid = None
-        if keys:
-            device = next(model.parameters()).device
-            batch = {k: v.to(device) for k, v in stack_samples([b for _, b, _, _ in items]).items()}
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(request.dtype)
-            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype,
-                                                        enabled=dtype is not None):
-                patches = model(batch, request.patch_size_m, output="patch").float().cpu().numpy()
-                valid = model.patch_validity(batch, request.patch_size_m).cpu().numpy()
-        forward_s = (time.perf_counter() - started) / len(items)
-        for i, (tile, _, dates, read_s) in enumerate(items):
+        if not keys:  # no sensor had items: nothing to embed
+            launched.append(_Forward(items, None, None, None, 0.0))
+            continue
+        host = stack_samples([b for _, b, _, _ in items], pin_memory=gpu)
+        valid = model.patch_validity(host, request.patch_size_m, check_values=False).numpy()
+        batch = {k: v.to(device, non_blocking=gpu) for k, v in host.items()}
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype,
+                                                    enabled=dtype is not None):
+            patches = model(batch, request.patch_size_m, output="patch",
+                            check_values=False).float()
+        done = None
+        if gpu:
+            patches = patches.to("cpu", non_blocking=True)  # page-locked
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            patches = patches.cpu()
+        launched.append(_Forward(items, patches, valid, done, time.perf_counter() - started))
+    return launched
+
+
+def _landed(forwards: list[_Forward], waits: Counter) -> Iterator[tuple]:
+    """Each tile's `_write_tile` arguments after the plan, once its forward is on the host."""
+    for forward in forwards:
+        started = time.perf_counter()
+        if forward.done is not None:
+            forward.done.synchronize()
+        patches = None if forward.patches is None else forward.patches.numpy()
+        landed_s = time.perf_counter() - started
+        waits["model_s"] += landed_s
+        per_tile = (forward.seconds + landed_s) / len(forward.items)
+        for i, (tile, _, dates, read_s) in enumerate(forward.items):
             yield (tile, None if patches is None else patches[i],
-                   None if valid is None else valid[i], dates, read_s + forward_s)
+                   None if forward.valid is None else forward.valid[i], dates, read_s + per_tile)
 
 
 def _write_tile(plan: RunPlan, layers: dict[int, LayerWriter], tile: Tile,

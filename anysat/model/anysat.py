@@ -245,14 +245,15 @@ class AnySat(nn.Module):
             std.mul_(momentum).add_((1 - momentum) * flat.std(0).clamp(min=1e-6))
 
     def forward(self, batch: dict[str, torch.Tensor], patch_size_m: float,
-                output: Output = "patch") -> torch.Tensor:
+                output: Output = "patch", check_values: bool = True) -> torch.Tensor:
         """`tile` [B, D]; `patch` [B, H/P, W/P, D]; `dense` [B, H', W', 2D] at the finest
         sub-patch size (each sub-patch: its patch token and its own token); tile and patch
-        features standardised with the statistics of pretraining."""
+        features standardised with the statistics of pretraining. `check_values`: as
+        `check_batch`'s `values` (False: the forward never waits for an accelerator)."""
         if output not in ("tile", "patch", "dense"):
             raise ModelInputError(f"output must be 'tile', 'patch' or 'dense', not {output!r}")
         layout, sensors, tile, patches, _ = self.forward_features(
-            batch, patch_size_m, keep_subpatches=output == "dense")
+            batch, patch_size_m, keep_subpatches=output == "dense", check_values=check_values)
         if output == "tile":
             return (tile - self.tile_mean) / self.tile_std
         patches = (patches - self.patch_mean) / self.patch_std
@@ -271,9 +272,10 @@ class AnySat(nn.Module):
         return dense.reshape(b, g * k, g * k, 2 * d)
 
     @torch.no_grad()
-    def patch_validity(self, batch: dict[str, torch.Tensor], patch_size_m: float) -> torch.Tensor:
+    def patch_validity(self, batch: dict[str, torch.Tensor], patch_size_m: float,
+                       check_values: bool = True) -> torch.Tensor:
         """[B, H/P, W/P] bool: patches where at least one sensor has a valid pixel-date."""
-        layout = self.check_batch(batch, patch_size_m)
+        layout = self.check_batch(batch, patch_size_m, values=check_values)
         g, out = layout.grid, None
         for name in layout.sensors:
             k = round(patch_size_m / self.modalities[name].gsd_m)
