@@ -1,6 +1,7 @@
 #!/bin/bash
 # Every GPU check the open work needs, as one script for the device tool (a lent GPU machine:
 # torch there, the rest from .whl/site.tar.xz, made here by gpu_wheels.sh):
+#   0. the test that a GPU run writes the layer a CPU run writes (PART 1 and all);
 #   1. embed-region throughput, base, bf16, 256 tiles of 600 m (92 km2) at 64 tiles per
 #      forward with the default reader processes (8 on 16 cores), then 4, and 36 tiles
 #      of 2,400 m (207 km2, the continental deployment's size; 64 tiles did not finish in
@@ -55,6 +56,11 @@ step "machine"
   $PY -c "import torch, anysat.pipeline, anysat.train.trainer, rasterio, odc.stac
 print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee -a "$OUT/steps.txt" || exit 1
 
+if [ "$PART" != 2 ] && [ "$DEVICE" != cpu ]; then
+step "the GPU stream writes what the CPU's writes (tests/integration/test_batched_embed.py -k gpu)"
+timeout 120 $PY -m pytest -q -p no:cacheprovider tests/integration/test_batched_embed.py -k gpu \
+    2>&1 | tail -5 | tee -a "$OUT/steps.txt"
+fi
 if [ "$PART" != 2 ]; then
 step "embed-region throughput, 600 m tiles ($EMBED), the default readers then $READERS_FEWER"
 # shellcheck disable=SC2086

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from anysat.cli import DEMO_BBOX, DEMO_DATES
@@ -44,6 +45,23 @@ def test_batched_inference_equals_one_tile_per_forward(tmp_path, monkeypatch):
     assert f == 2 and cells.shape == (10, 10, one.shape[2])
     np.testing.assert_array_equal(cells[:], pool_mean(layers["threads"], 2))
     assert Image.open(manifest["layers"][0]["preview"]).size == (260, 260)  # 10 px, upscaled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: benchmarks/gpu_session.sh runs it")
+def test_a_gpu_run_writes_the_layer_a_cpu_run_writes(tmp_path):
+    """The accelerator's stream (reader processes, page-locked batches, a batch launched
+    before the one before it lands) writes what the CPU's writes, tile for tile."""
+    layers = {}
+    for device in ("cpu", "cuda"):
+        request = RegionRequest.build(bbox=DEMO_BBOX, start=DEMO_DATES[0], end=DEMO_DATES[1],
+                                      patch_size_m=60.0, tile_size_m=240.0, batch_size=4,
+                                      device=device, dtype="fp32", output_uri=str(tmp_path / device))
+        manifest = run_region(request)
+        assert manifest["tiles"] == 25
+        layers[device] = read_layer(manifest["layers"][0]["layer"])["embedding"].values
+    cpu, gpu = layers["cpu"], layers["cuda"]
+    assert np.array_equal(np.isnan(cpu), np.isnan(gpu)) and np.isfinite(cpu).any()
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-2, atol=1e-2)   # other kernels, same tiles
 
 
 def test_a_killed_reader_process_is_a_clear_error_and_a_rerun_completes(tmp_path, monkeypatch):
