@@ -260,10 +260,10 @@ def _plan_zone(uri: str, request: RegionRequest, specs: list[ModalitySpec], zone
     return geoparquet.with_geometry(columns, footprints)
 
 
-def read_side(tile_size_m: float) -> int:
-    """Tiles a side of a reading square: READ_SIDE, halved while the square would pass
+def read_side(tile_size_m: float, most: int = READ_SIDE) -> int:
+    """Tiles a side of a reading square: `most`, halved while the square would pass
     READ_KM2."""
-    side = READ_SIDE
+    side = most
     while side > 1 and side * side * tile_size_m**2 / 1e6 > READ_KM2:
         side //= 2
     return side
@@ -335,11 +335,12 @@ def check_run_size(request: RegionRequest) -> None:
 
 
 def make_plan(request: RegionRequest, model_sha256: str, dim: int, *, uri: str | None = None,
-              zones: list[ZoneTiles] | None = None) -> RunPlan:
+              zones: list[ZoneTiles] | None = None, max_read_side: int = READ_SIDE) -> RunPlan:
     """The plan of a request, saved under `uri` (default: the request's output): the one
     saved there if it is the same request (a resume), else a new one, searched block by
     block and written. Raises PlanMismatchError if `uri` holds another request's plan.
-    `zones` are the tiles (default: the region's, split per UTM zone)."""
+    `zones` are the tiles (default: the region's, split per UTM zone); `max_read_side`
+    caps the reading squares' side (`read_side`)."""
     specs = request.modality_specs()
     uri = storage.normalize_uri(uri or request.output_uri)
     fields = fingerprint(request, specs, model_sha256)
@@ -374,7 +375,7 @@ def make_plan(request: RegionRequest, model_sha256: str, dim: int, *, uri: str |
         "zones": [{"epsg": z.epsg, "tiles": z.tiles, "area_km2": round(z.area_km2, 4),
                    "grid": asdict(z.grid)} for z in zone_plans],
         "tiles": "plan/tiles.parquet", "blocks": len(set(table.column("block").to_pylist())),
-        "read_side": read_side(request.tile_size_m),
+        "read_side": read_side(request.tile_size_m, max_read_side),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     storage.write_bytes_atomic(storage.join(uri, "plan.json"), json.dumps(saved, indent=2).encode())

@@ -64,6 +64,8 @@ def test_ingest_rerun_skips_complete_chips_and_keeps_the_index(chips):
     # the ingest's saved plan (chips and their items) is reused, not made again
     plans = list((Path(chips) / "plans").glob("*/plan.json"))
     assert len(plans) == 1 and json.loads(plans[0].read_text())["zones"][0]["tiles"] == 25
+    # read in the squares the shipped checkpoint's chips were read in (its DEM depends on them)
+    assert json.loads(plans[0].read_text())["read_side"] == 4
 
 
 def test_two_ranks_stay_identical_read_disjoint_chips_and_learn(chips, tmp_path):
