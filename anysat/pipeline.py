@@ -107,8 +107,8 @@ def embed_stream(plan: RunPlan, tile_ids: list[str], waits: Counter | None = Non
     ahead at least, so memory stays flat in the number of tiles, and reading never pauses
     for the caller: a whole run is one stream), the next batch is stacked and copied while
     the device runs the one before (`_launch`), and tiles are written on another thread
-    while the next batch runs. A model on the CPU already uses every core: there reads and writes
-    take turns with it (`overlaps_io`). Done-markers are looked up a search block at a time,
+    while the next batch runs. A model on the CPU already uses every core: there reads and
+    writes take turns with it (`overlaps_io`). Done-markers are looked up a search block at a time,
     as the reads reach it (`_unfinished`). `waits`, if given, adds up the seconds this
     thread spent on reads (`reads_s`: waiting for them, or reading in turn), in the model
     (`model_s`: batching, copies to and from the device, forward) and on writes (`writes_s`):

@@ -170,7 +170,6 @@ def patch_centres_m(grid: int, patch_size_m: float, device=None) -> tuple[torch.
     return cx.reshape(-1), cy.reshape(-1)
 
 
-
 @lru_cache(maxsize=64)
 def patch_codes_m(grid: int, patch_size_m: float, dim: int, unit_m: float,
                   device: torch.device) -> torch.Tensor:
