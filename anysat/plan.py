@@ -27,6 +27,7 @@ from functools import cached_property, lru_cache
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pystac
 import shapely
 from pyproj import Transformer
@@ -47,11 +48,13 @@ PLAN_VERSION = 1
 MAX_TILES = 5_000_000  # tiles one plan holds (its table is read whole by each worker)
 WARN_TILES = 100_000
 BLOCK_TILES = 16  # a block is up to 16 x 16 tiles of one zone's grid, searched once
-# Tiles read as one box: up to READ_SIDE x READ_SIDE, and <= READ_KM2 (a square's cubes are
-# in a reader's memory at once). A square's read costs about the same whatever its area (per
-# asset: an open, odc-stac's set-up): on 2 cores, 256 tiles of 600 m read at 16-18 km2/s in
-# squares of 8 x 8 against 8 in squares of 4 x 4, and 4 x 4 read 10x faster than tile by tile.
-READ_SIDE, READ_KM2 = 8, 30.0
+# Tiles read as one box: up to READ_SIDE x READ_SIDE, their cubes up to READ_BYTES (a reader
+# holds a square's cubes at once, about 3x that at its peak with the tiles' copies). A
+# square's read costs about the same whatever its area (per asset: an open, odc-stac's
+# set-up): on 2 cores, 256 tiles of 600 m read at 16-18 km2/s in squares of 8 x 8 against 8
+# in 4 x 4, 16 tiles of 2,400 m at 52 in 4 x 4 against 28 in 2 x 2, and 4 x 4 tiles of 600 m
+# read 10x faster than tile by tile. Bytes, not km2: a year of S2 holds 6x the demo's dates.
+READ_SIDE, READ_BYTES = 8, 2**30
 OLD_READ_SIDE = 4  # what plans saved without `read_side` read in
 # What the embeddings depend on; batch sizes, device and output location do not.
 FINGERPRINT_FIELDS = ("bbox", "geojson", "start", "end", "sensors", "patch_size_m",
@@ -260,13 +263,24 @@ def _plan_zone(uri: str, request: RegionRequest, specs: list[ModalitySpec], zone
     return geoparquet.with_geometry(columns, footprints)
 
 
-def read_side(tile_size_m: float, most: int = READ_SIDE) -> int:
-    """Tiles a side of a reading square: `most`, halved while the square would pass
-    READ_KM2."""
+def read_side(tile_bytes: int, most: int = READ_SIDE) -> int:
+    """Tiles a side of a reading square: `most`, halved while the square's cubes, at
+    `tile_bytes` a tile, would pass READ_BYTES."""
     side = most
-    while side > 1 and side * side * tile_size_m**2 / 1e6 > READ_KM2:
+    while side > 1 and side * side * tile_bytes > READ_BYTES:
         side //= 2
     return side
+
+
+def tile_read_bytes(table: pa.Table, specs: list[ModalitySpec], tile_size_m: float) -> int:
+    """The most bytes a tile's cubes take in a reader: float32, every band and the cloud
+    mask, a plane per item over the tile (items of one day are mosaicked: fewer)."""
+    total = 0.0
+    for spec in specs:
+        items = pc.max(pc.list_value_length(table.column(f"items.{spec.name}"))).as_py() or 0
+        planes = items * (len(spec.bands) + (1 if spec.cloud_mask else 0))
+        total += planes * (tile_size_m / spec.gsd_m) ** 2 * 4
+    return int(total)
 
 
 def read_plan(uri: str, request: RegionRequest | None = None) -> RunPlan | None:
@@ -375,7 +389,7 @@ def make_plan(request: RegionRequest, model_sha256: str, dim: int, *, uri: str |
         "zones": [{"epsg": z.epsg, "tiles": z.tiles, "area_km2": round(z.area_km2, 4),
                    "grid": asdict(z.grid)} for z in zone_plans],
         "tiles": "plan/tiles.parquet", "blocks": len(set(table.column("block").to_pylist())),
-        "read_side": read_side(request.tile_size_m, max_read_side),
+        "read_side": read_side(tile_read_bytes(table, specs, request.tile_size_m), max_read_side),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     storage.write_bytes_atomic(storage.join(uri, "plan.json"), json.dumps(saved, indent=2).encode())

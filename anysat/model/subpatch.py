@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 from torch import nn
 
-from .layers import Block, branch_on_values, sincos_2d_m
+from .layers import CACHED_CODE_ELEMENTS, Block, branch_on_values, kept_codes
 
 
 def subpatch_offsets_m(patch_size_m: float, subpatch_m: float, device=None
@@ -19,12 +17,13 @@ def subpatch_offsets_m(patch_size_m: float, subpatch_m: float, device=None
     return ox.reshape(-1), oy.reshape(-1)
 
 
-@lru_cache(maxsize=64)
 def subpatch_codes_m(patch_size_m: float, subpatch_m: float, dim: int, device: torch.device
                      ) -> torch.Tensor:
-    """[k * k, dim] codes of the sub-patch offsets, made once (as `layers.patch_codes_m`)."""
-    with torch.inference_mode(False), torch.no_grad():
-        return sincos_2d_m(*subpatch_offsets_m(patch_size_m, subpatch_m, device), dim, unit_m=1.0)
+    """[k * k, dim] codes of the sub-patch offsets, kept as `layers.patch_codes_m`'s."""
+    k = round(patch_size_m / subpatch_m)
+    if k * k * dim > CACHED_CODE_ELEMENTS:
+        return kept_codes.__wrapped__(subpatch_offsets_m, (patch_size_m, subpatch_m), dim, 1.0, device)
+    return kept_codes(subpatch_offsets_m, (patch_size_m, subpatch_m), dim, 1.0, device)
 
 
 class SubPatchEncoder(nn.Module):

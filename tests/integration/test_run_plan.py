@@ -65,8 +65,13 @@ def test_plan_is_written_read_back_and_holds_each_tiles_items(tmp_path):
     # how tiles are grouped into reads is the plan's (300 m tiles: squares of 8 x 8); a plan
     # saved before it was recorded reads as it did then (4 x 4), whatever READ_SIDE is now
     saved = json.loads((out / "plan.json").read_text())
-    assert saved["read_side"] == plan.read_side == read_side(300) == 8
-    assert read_side(600) == 8 and read_side(2400) == 2 and read_side(10_000) == 1
+    assert saved["read_side"] == plan.read_side == 8
+    # squares hold at most READ_BYTES of cubes: 12 dates of S2 (9 bands + SCL) and S1 over
+    # 2,400 m tiles read 4 x 4, a year of S2 (70 dates) 2 x 2, a 10 km tile of it alone
+    tile_mb = {"600 m, 12 dates": 2.1, "2,400 m, 12 dates": 34, "2,400 m, 70 dates": 180,
+               "10 km, 70 dates": 2800}
+    assert [read_side(int(mb * 2**20)) for mb in tile_mb.values()] == [8, 4, 2, 1]
+    assert read_side(int(2.1 * 2**20), most=4) == 4
     del saved["read_side"]
     (out / "plan.json").write_text(json.dumps(saved))
     assert read_plan(str(out)).read_side == 4
