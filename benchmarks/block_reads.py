@@ -3,10 +3,10 @@ processes against reader threads, 1 to N at once (what feeds a GPU, without the 
 
 The 64 tiles of 600 m of `embed_region.py` (the demo's real pixels repeated), planned once;
 their squares (the plan's `read_side`: one of 8 x 8 tiles) are read `--rounds` times over
-(4, or 8 squares per reader), as
-`pipeline.embed_tiles` reads them (`readers.BlockReaders`), batches taken back in the caller.
-One JSON line per case: case, pool, workers, squares, read_side, km2_per_s, seconds, cpus. Reader
-processes are started before timing (a run starts them once per process).
+(4, or 8 squares per reader), as `pipeline.embed_tiles` reads them (`readers.BlockReaders`),
+batches taken back in the caller. One JSON line per case: case, pool, workers, squares,
+read_side, km2_per_s, seconds, cpus. Reader processes are started before timing (a run
+starts them once per process).
 
     .venv/bin/python benchmarks/block_reads.py [--workers 1 2 4 8] [--pools processes threads]
 """

@@ -80,7 +80,7 @@ def test_plan_estimate_for_europe_is_quick_and_small():
     """Europe at 2,560 m (40 m patches: a tile is a whole number of them): about 1.6 M tiles
     over 7 zones, without a Python object per tile."""
     # the child's own peak (VmHWM), not RUSAGE_CHILDREN: a child's ru_maxrss counts the
-    # pages of this process it was started from (about 2 GB after the unit tests)
+    # pages of this process it was started from (2.4 GB, and a failure, in one CI run)
     result = subprocess.run([sys.executable, "-c", PEAK_OF_CLI, "plan", "--estimate", "--bbox",
                              "-10,35,30,70", "--tile-size-m", "2560", "--patch-size-m", "40"],
                             capture_output=True, text=True, check=True)
