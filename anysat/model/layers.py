@@ -170,28 +170,31 @@ def patch_centres_m(grid: int, patch_size_m: float, device=None) -> tuple[torch.
     return cx.reshape(-1), cy.reshape(-1)
 
 
-CACHED_CODE_ELEMENTS = 2**20  # codes kept up to 4 MB each, CACHED_CODES of them per kind
+CACHED_CODE_ELEMENTS = 2**20  # codes kept up to 4 MB each, CACHED_CODES of them in all
 CACHED_CODES = 32
 
 
 def patch_codes_m(grid: int, patch_size_m: float, dim: int, unit_m: float,
                   device: torch.device) -> torch.Tensor:
-    """[grid * grid, dim] `sincos_2d_m` of the patch centres (`patch_centres_m`).
+    """[grid * grid, dim] `sincos_2d_m` of the patch centres (`patch_centres_m`), kept."""
+    return kept_codes(patch_centres_m, (grid, patch_size_m), grid * grid, dim, unit_m, device)
 
-    Made once per layout and device, not in every forward: with the sub-patch codes these
-    small ops were about a tenth of a training step's ops, each a kernel the host launches on
-    an accelerator. Only codes up to CACHED_CODE_ELEMENTS are kept: a wide tile's are made
-    anew (few ops next to its forward; those of 2,400 m at 10 m patches, dim 768, are
-    177 MB). Never an inference tensor, whatever mode first asked for it (autograd could
-    not save one for backward); callers never write into it."""
-    if grid * grid * dim > CACHED_CODE_ELEMENTS:
-        return kept_codes.__wrapped__(patch_centres_m, (grid, patch_size_m), dim, unit_m, device)
-    return kept_codes(patch_centres_m, (grid, patch_size_m), dim, unit_m, device)
+
+def kept_codes(positions, args: tuple, cells: int, dim: int, unit_m: float,
+               device: torch.device) -> torch.Tensor:
+    """[cells, dim] `sincos_2d_m` of `positions(*args, device)`, made once per layout and
+    device, not in every forward: the patch and sub-patch codes' small ops were about a
+    tenth of a training step's ops, each a kernel the host launches on an accelerator. Only
+    codes up to CACHED_CODE_ELEMENTS are kept: a wide tile's are made anew (few ops next to
+    its forward; those of 2,400 m at 10 m patches, dim 768, are 177 MB). Never an inference
+    tensor, whatever mode first asked for it (autograd could not save one for backward);
+    callers never write into it."""
+    make = code_cache if cells * dim <= CACHED_CODE_ELEMENTS else code_cache.__wrapped__
+    return make(positions, args, dim, unit_m, device)
 
 
 @lru_cache(maxsize=CACHED_CODES)
-def kept_codes(positions, args: tuple, dim: int, unit_m: float, device: torch.device
+def code_cache(positions, args: tuple, dim: int, unit_m: float, device: torch.device
                ) -> torch.Tensor:
-    """`sincos_2d_m` of `positions(*args, device)`, kept (see `patch_codes_m`)."""
     with torch.inference_mode(False), torch.no_grad():
         return sincos_2d_m(*positions(*args, device), dim, unit_m)

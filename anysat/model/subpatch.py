@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import CACHED_CODE_ELEMENTS, Block, branch_on_values, kept_codes
+from .layers import Block, branch_on_values, kept_codes
 
 
 def subpatch_offsets_m(patch_size_m: float, subpatch_m: float, device=None
@@ -19,11 +19,9 @@ def subpatch_offsets_m(patch_size_m: float, subpatch_m: float, device=None
 
 def subpatch_codes_m(patch_size_m: float, subpatch_m: float, dim: int, device: torch.device
                      ) -> torch.Tensor:
-    """[k * k, dim] codes of the sub-patch offsets, kept as `layers.patch_codes_m`'s."""
+    """[k * k, dim] codes of the sub-patch offsets, kept (`layers.kept_codes`)."""
     k = round(patch_size_m / subpatch_m)
-    if k * k * dim > CACHED_CODE_ELEMENTS:
-        return kept_codes.__wrapped__(subpatch_offsets_m, (patch_size_m, subpatch_m), dim, 1.0, device)
-    return kept_codes(subpatch_offsets_m, (patch_size_m, subpatch_m), dim, 1.0, device)
+    return kept_codes(subpatch_offsets_m, (patch_size_m, subpatch_m), k * k, dim, 1.0, device)
 
 
 class SubPatchEncoder(nn.Module):

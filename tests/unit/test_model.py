@@ -9,7 +9,7 @@ from anysat.cube import load_cube, read_cube
 from anysat.errors import CheckpointError, ModelInputError
 from anysat.modalities import resolve_sensors
 from anysat.model import AnySat, AnySatConfig, build_model, load_model, save_checkpoint
-from anysat.model.layers import (CACHED_CODE_ELEMENTS, kept_codes, patch_centres_m, patch_codes_m,
+from anysat.model.layers import (CACHED_CODE_ELEMENTS, code_cache, patch_centres_m, patch_codes_m,
                                  sincos_2d_m)
 from anysat.model.subpatch import subpatch_codes_m, subpatch_offsets_m
 from anysat.stac import resolve_provider, search_items
@@ -132,7 +132,7 @@ def test_seeded_builds_are_identical_and_deterministic(batch):
 def test_position_codes_are_made_once_and_serve_inference_and_training(batch):
     """The patch and sub-patch codes are cached per layout: equal to computing them anew,
     and one first made under inference_mode still trains (no inference tensor in autograd)."""
-    kept_codes.cache_clear()
+    code_cache.cache_clear()
     model = build_model("tiny", SPECS, seed=5)
     side = {s.name: round(120 / s.gsd_m) for s in SPECS}  # a 120 m crop: a small backward
     batch = {k: v if k.endswith("_dates") else v[..., :side[k], :side[k]] for k, v in batch.items()}
@@ -147,13 +147,13 @@ def test_position_codes_are_made_once_and_serve_inference_and_training(batch):
                        sincos_2d_m(*subpatch_offsets_m(30.0, 10.0), 256, 1.0))
     out = model(batch, 30, "patch")  # with autograd, from the codes made above
     out.square().mean().backward()
-    assert kept_codes.cache_info().hits >= 2 and kept_codes.cache_info().currsize >= 2
+    assert code_cache.cache_info().hits >= 2 and code_cache.cache_info().currsize >= 2
     assert all(p.grad is not None for p in model.blocks.parameters())
     torch.testing.assert_close(out.detach(), before, rtol=1e-5, atol=1e-5)
     # a wide tile's codes are made anew, not kept (a cache of them would hold GBs)
-    kept = kept_codes.cache_info().currsize
+    kept = code_cache.cache_info().currsize
     wide = patch_codes_m(300, 10.0, 256, 10.0, cpu)
-    assert 300 * 300 * 256 > CACHED_CODE_ELEMENTS and kept_codes.cache_info().currsize == kept
+    assert 300 * 300 * 256 > CACHED_CODE_ELEMENTS and code_cache.cache_info().currsize == kept
     assert torch.equal(wide, sincos_2d_m(*patch_centres_m(300, 10.0), 256, 10.0))
 
 
