@@ -31,7 +31,7 @@ log = logging.getLogger("anysat")
 # Chips are read in squares of at most 4 x 4, as when the shipped checkpoint's chips were
 # ingested: a sensor warped from another grid depends a little on the box read (the demo's
 # 10 m DEM at 30 m: up to 0.07 m between 4 x 4 and 8 x 8 squares of 240 m chips), and
-# `make pretrain-demo` reproduces that checkpoint bit for bit.
+# `make pretrain-demo` trains on the same chips as before (same weights as at ed3ad96).
 CHIP_READ_SIDE = 4
 
 
