@@ -34,9 +34,18 @@ evaluate: install
 
 # Reproduces catalogs/checkpoints/demo (the checkpoint that ships) from the repository's data,
 # through the real path: chips by `anysat ingest`, then `anysat pretrain` on 2 processes.
-# Interrupted, it resumes: run it again.
+# Interrupted, it resumes: run it again. It resumes only outputs made from the same code and
+# data (their fingerprint in $(PRETRAIN_DEMO)/source); others are cleared first, since ingest
+# skips complete chips and pretrain continues its latest checkpoint, and a checkpoint trained
+# on chips of an older ingest is not what this code makes.
 PRETRAIN_DEMO := outputs/pretrain-demo
+PRETRAIN_SOURCES := anysat catalogs/modalities catalogs/demo catalogs/pretrain Makefile
 pretrain-demo: install
+	@source=$$(find $(PRETRAIN_SOURCES) -type f ! -name '*.pyc' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16); \
+	if [ "$$(cat $(PRETRAIN_DEMO)/source 2>/dev/null)" != "$$source" ]; then \
+	    echo "== $(PRETRAIN_DEMO): none from this code and data ($$source), starting afresh"; \
+	    rm -rf $(PRETRAIN_DEMO) && mkdir -p $(PRETRAIN_DEMO) && echo "$$source" > $(PRETRAIN_DEMO)/source; \
+	else echo "== $(PRETRAIN_DEMO): resuming ($$source)"; fi
 	$(BIN)/anysat ingest --demo --chip-size-m 240 --store $(PRETRAIN_DEMO)/chips/demo.zarr
 	$(BIN)/anysat ingest --catalog catalogs/pretrain/bigearthnet/catalog.json \
 	    --geojson catalogs/pretrain/bigearthnet/footprints.geojson --start 2017-06-01 \
