@@ -26,7 +26,7 @@
 #   there: bash benchmarks/gpu_session.sh     (run: carry [".whl"], timeout_s 600; or PART=1,
 #          timeout_s 240, then at once PART=2, timeout_s 400: the machine goes after 30 s idle)
 #   QUICK=1: base only at batch 64, no pretraining, when device time is short
-#   dry run here on the CPU, small sizes:  DEVICE=cpu PY=.venv/bin/python OUT=/tmp/out bash benchmarks/gpu_session.sh
+#   dry run here on the CPU, small sizes (its 2,400 m tile with the demo model):  DEVICE=cpu PY=.venv/bin/python OUT=/tmp/out bash benchmarks/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder for the results}
@@ -41,11 +41,11 @@ if [ -z "${PY:-}" ]; then  # the device machine: its python3, and the packages c
 fi
 if [ "$DEVICE" = cpu ]; then
     DTYPE=fp32; TRAIN="--models tiny --layouts 1x2 --batch-sizes 8 --workers 1 --steps 20"
-    EMBED="--tiles 4 --batch-sizes 4"; EMBED_WIDE="--tiles 1 --batch-sizes 1"; READERS_FEWER=1; BASE="--model tiny --steps 20 --batch-size 8 --workers 1"
+    EMBED="--tiles 4 --batch-sizes 4"; EMBED_WIDE="--tiles 1 --batch-sizes 1 --model demo"; READERS_FEWER=1; BASE="--model tiny --steps 20 --batch-size 8 --workers 1"
     PROFILE="--models tiny --batch-sizes 8 --steps 2"
 else
     DTYPE=bf16; TRAIN="--models tiny,base --layouts 1x4 --batch-sizes 64 256 1024 --workers 12 --steps 20"
-    EMBED="--tiles 256 --batch-sizes 64"; EMBED_WIDE="--tiles 36 --batch-sizes 8"; READERS_FEWER=4; BASE="--model base --steps 300 --batch-size 64 --workers 12"
+    EMBED="--tiles 256 --batch-sizes 64"; EMBED_WIDE="--tiles 36 --batch-sizes 8 --model base"; READERS_FEWER=4; BASE="--model base --steps 300 --batch-size 64 --workers 12"
     PROFILE="--models tiny,base --batch-sizes 64 256 1024 --steps 5"
 fi
 [ -n "$QUICK" ] && [ "$DEVICE" != cpu ] && TRAIN="--models base --layouts 1x4 --batch-sizes 64 --workers 12 --steps 20"
@@ -71,7 +71,7 @@ ANYSAT_BLOCK_READERS=$READERS_FEWER timeout 70 $PY benchmarks/embed_region.py --
     --dtype $DTYPE --model base $EMBED 2>&1 | grep -v WARNING | tee -a "$OUT/embed_region.jsonl"
 step "embed-region throughput, 2,400 m tiles ($EMBED_WIDE), the default readers"
 # shellcheck disable=SC2086
-timeout 130 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE --model base \
+timeout 130 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE \
     --tile-size-m 2400 $EMBED_WIDE 2>&1 | grep -v WARNING | tee -a "$OUT/embed_region.jsonl"
 fi
 [ "$PART" = 1 ] && { step "done (part 1)"; exit 0; }
