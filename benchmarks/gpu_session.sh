@@ -7,7 +7,9 @@
 #      of 2,400 m (207 km2, the continental deployment's size; 64 tiles did not finish in
 #      100 s, their catalog of 21 x 21 km included) at 8 per forward: km2/s end to end,
 #      embedding alone (no plan, no preview) and where its stream waited, forward alone and
-#      reads alone (benchmarks/embed_region.py);
+#      reads alone (benchmarks/embed_region.py); then the base forward alone at both tile
+#      sizes, profiled: its kernels, the attention's share, and the attention with and
+#      without its key mask (benchmarks/model_forward.py --profile --attention);
 #   2. a training step's host and device time, tiny and base, batch 64, 256 and 1024
 #      (benchmarks/train_step_profile.py; PART=2 only);
 #   3. pretraining throughput, tiny and base, bf16, batch 64, 256 and 1024 (on 2026-11-27
@@ -17,14 +19,15 @@
 #   4. a short base pretraining on the shipped checkpoint's data and its probe table.
 # Each step has its own time limit, and writes what it measured under $OUT as it goes, so a
 # step cut short still leaves the others' lines.
-# PART=all (default): steps 1, 3 and 4 in one call, about 9-10 minutes on an H100 (on
-# 2026-11-27 a 490 s call, before batch 1024, ended in the evaluation, the last step), for a
-# session with 15 minutes of device time (the machine starts in about 35 s). PART=1: step 1
-# (about 3.5 min); PART=2: steps 2-4 (about 6.5 min).
+# PART=1: steps 0 and 1 (about 4.5 min: give it timeout_s 300); PART=2: steps 2-4 (about
+# 6.5 min: timeout_s 400), for a session with 15 minutes of device time (the machine starts in
+# about 35 s and goes after 30 s idle: start PART=2 at once). PART=all (default) runs steps
+# 0, 1, 3 and 4 in one call, which no longer fits the tool's 600 s limit on an H100 (on
+# 2026-11-27 a 490 s call, before batch 1024 and the forward profile, ended in the evaluation).
 #
 #   here:  bash benchmarks/gpu_wheels.sh
-#   there: bash benchmarks/gpu_session.sh     (run: carry [".whl"], timeout_s 600; or PART=1,
-#          timeout_s 240, then at once PART=2, timeout_s 400: the machine goes after 30 s idle)
+#   there: PART=1 OUT=$OUT bash benchmarks/gpu_session.sh   (run: carry [".whl"], timeout_s 300),
+#          then at once PART=2 ... (timeout_s 400)
 #   QUICK=1: base only at batch 64, no pretraining, when device time is short
 #   dry run here on the CPU, small sizes (its 2,400 m tile with the demo model):  DEVICE=cpu PY=.venv/bin/python OUT=/tmp/out bash benchmarks/gpu_session.sh
 set -uo pipefail
@@ -41,11 +44,13 @@ if [ -z "${PY:-}" ]; then  # the device machine: its python3, and the packages c
 fi
 if [ "$DEVICE" = cpu ]; then
     DTYPE=fp32; TRAIN="--models tiny --layouts 1x2 --batch-sizes 8 --workers 1 --steps 20"
-    EMBED="--tiles 4 --batch-sizes 4"; EMBED_WIDE="--tiles 1 --batch-sizes 1 --model demo"; READERS_FEWER=1; BASE="--model tiny --steps 20 --batch-size 8 --workers 1"
+    EMBED="--tiles 4 --batch-sizes 4"; EMBED_WIDE="--tiles 1 --batch-sizes 1 --model demo"; READERS_FEWER=1
+    FWD_SIZE=tiny; FWD_CASES="600:1"; BASE="--model tiny --steps 20 --batch-size 8 --workers 1"
     PROFILE="--models tiny --batch-sizes 8 --steps 2"
 else
     DTYPE=bf16; TRAIN="--models tiny,base --layouts 1x4 --batch-sizes 64 256 1024 --workers 12 --steps 20"
-    EMBED="--tiles 256 --batch-sizes 64"; EMBED_WIDE="--tiles 36 --batch-sizes 8 --model base"; READERS_FEWER=4; BASE="--model base --steps 300 --batch-size 64 --workers 12"
+    EMBED="--tiles 256 --batch-sizes 64"; EMBED_WIDE="--tiles 36 --batch-sizes 8 --model base"; READERS_FEWER=4
+    FWD_SIZE=base; FWD_CASES="600:64 2400:8"; BASE="--model base --steps 300 --batch-size 64 --workers 12"
     PROFILE="--models tiny,base --batch-sizes 64 256 1024 --steps 5"
 fi
 [ -n "$QUICK" ] && [ "$DEVICE" != cpu ] && TRAIN="--models base --layouts 1x4 --batch-sizes 64 --workers 12 --steps 20"
@@ -73,6 +78,12 @@ step "embed-region throughput, 2,400 m tiles ($EMBED_WIDE), the default readers"
 # shellcheck disable=SC2086
 timeout 130 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE \
     --tile-size-m 2400 $EMBED_WIDE 2>&1 | grep -v WARNING | tee -a "$OUT/embed_region.jsonl"
+step "$FWD_SIZE forward alone, S2+S1+DEM, 30 m patches: its kernels, and its attention with and without the key mask"
+for CASE in $FWD_CASES; do  # tile side in metres : tiles per forward
+    timeout 50 $PY benchmarks/model_forward.py --size $FWD_SIZE --device "$DEVICE" --dtype $DTYPE \
+        --cases s2+s1+dem --patch-m 30 --repeat 2 --profile --attention --side-m "${CASE%:*}" \
+        --tiles "${CASE#*:}" 2>&1 | grep -v USDT | tee -a "$OUT/model_forward.jsonl"
+done
 fi
 [ "$PART" = 1 ] && { step "done (part 1)"; exit 0; }
 

@@ -1,12 +1,21 @@
 """Forward speed and memory of AnySat: one JSON line per case.
 
     python benchmarks/model_forward.py [--size base] [--device cpu|cuda] [--dtype fp32|bf16]
-        [--tiles 1] [--repeat 3] [--cases s2 s2+s1 s2+s1+aerial] [--subpatch-depth N]
+        [--tiles 1] [--repeat 3] [--cases s2 s2+s1 s2+s1+aerial s2+s1+dem] [--subpatch-depth N]
+        [--side-m 600] [--patch-m 20] [--profile] [--attention]
 
-Each case embeds a 60 x 60 px tile at 10 m (0.36 km2), 12 dates, patch 20 m, with random
-weights and random inputs at the sensors' statistics (the setting of the reference figures:
-official AnySat base on this 2-core CPU, S2 only 5.6 s per tile at 1.4 GB RSS, S2 + S1 11.3 s).
-Keys: case, params, seconds_per_tile, km2_per_s, peak_rss_mb (+ device, dtype, size).
+Each case embeds a 60 x 60 px tile at 10 m (0.36 km2; `--side-m`), 12 dates, patch 20 m
+(`--patch-m`), with random weights and random inputs at the sensors' statistics (the setting
+of the reference figures: official AnySat base on this 2-core CPU, S2 only 5.6 s per tile at
+1.4 GB RSS, S2 + S1 11.3 s). Keys: case, params, seconds_per_tile, km2_per_s, peak_rss_mb
+(+ device, dtype, size, side_m, patch_m). `s2+s1+dem` at 30 m patches is what embed-region runs.
+
+`--profile` adds where one more forward's time goes (torch.profiler): device_ms_per_tile on a
+GPU, the top kernels (or host ops on a CPU) in ms per tile, and attention_share, the part of
+that time in scaled-dot-product-attention kernels. `--attention` adds, per case, the encoder
+blocks' attention alone at the case's shape (tile token + every sensor's patch tokens, the
+model's heads) with the key mask the model passes on an accelerator and without one: what
+dropping the mask when every token is valid would save (a mask rules out flash kernels).
 """
 
 from __future__ import annotations
@@ -25,19 +34,21 @@ from anysat.modalities import resolve_sensors  # noqa: E402
 from anysat.model import build_model  # noqa: E402
 
 SIDE_M, DATES, PATCH_M = 600.0, 12, 20.0
-CASES = {"s2": ["s2"], "s2+s1": ["s2", "s1"], "s2+s1+aerial": ["s2", "s1", "naip"]}
+CASES = {"s2": ["s2"], "s2+s1": ["s2", "s1"], "s2+s1+aerial": ["s2", "s1", "naip"],
+         "s2+s1+dem": ["s2", "s1", "dem"]}
+ATTENTION_KERNELS = ("attention", "fmha", "flash", "sdpa")  # kernel names of SDPA backends
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def random_batch(specs, tiles: int, device) -> dict[str, torch.Tensor]:
+def random_batch(specs, tiles: int, device, side_m: float = SIDE_M) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     batch = {}
     for spec in specs:
         t = DATES if spec.time_series else 1
-        px = round(SIDE_M / spec.gsd_m)
+        px = round(side_m / spec.gsd_m)
         mean = torch.tensor([b.mean for b in spec.bands]).view(1, 1, -1, 1, 1)
         std = torch.tensor([b.std for b in spec.bands]).view(1, 1, -1, 1, 1)
         x = mean + std * torch.randn(tiles, t, len(spec.bands), px, px, generator=g)
@@ -51,12 +62,12 @@ def run_case(name: str, args) -> dict:
     specs = resolve_sensors(CASES[name])
     overrides = {} if args.subpatch_depth is None else {"subpatch_depth": args.subpatch_depth}
     model = build_model(args.size, specs, **overrides).to(args.device)
-    batch = random_batch(specs, args.tiles, args.device)
+    batch = random_batch(specs, args.tiles, args.device, args.side_m)
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     def once():
         with torch.inference_mode(), autocast:
-            model(batch, PATCH_M, "patch")
+            model(batch, args.patch_m, "patch")
         if args.device == "cuda":
             torch.cuda.synchronize()
 
@@ -65,14 +76,68 @@ def run_case(name: str, args) -> dict:
     for _ in range(args.repeat):
         once()
     per_tile = (time.perf_counter() - started) / args.repeat / args.tiles
-    return {"case": f"{args.size}-{name}", "params": sum(p.numel() for p in model.parameters()),
+    case = {"case": f"{args.size}-{name}", "params": sum(p.numel() for p in model.parameters()),
             "seconds_per_tile": round(per_tile, 4),
-            "km2_per_s": round(SIDE_M ** 2 / 1e6 / per_tile, 4),
+            "km2_per_s": round(args.side_m ** 2 / 1e6 / per_tile, 4),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
                if args.device == "cuda" else {}),
             "device": args.device, "dtype": args.dtype, "tiles_per_batch": args.tiles,
+            "side_m": args.side_m, "patch_m": args.patch_m,
             "subpatch_depth": model.config.subpatch_depth, "threads": torch.get_num_threads()}
+    if args.profile:
+        case.update(profiled(once, args))
+    if args.attention:
+        tokens = 1 + len(specs) * round(args.side_m / args.patch_m) ** 2
+        case["attention_ms_per_tile"] = attention_timings(
+            args.tiles, tokens, model.config.dim, model.config.heads, args)
+    return case
+
+
+def profiled(once, args) -> dict:
+    """One more forward under torch.profiler: kernel (GPU) or host-op (CPU) time per tile."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = args.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        once()
+    times = {}
+    for e in prof.key_averages():
+        t = ((getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0))
+             if gpu else e.self_cpu_time_total)
+        if t:
+            times[e.key] = t / 1000 / args.tiles   # ms per tile
+    total = sum(times.values())
+    attention = sum(t for k, t in times.items() if any(a in k.lower() for a in ATTENTION_KERNELS))
+    top = sorted(times.items(), key=lambda kv: kv[1], reverse=True)[:10]
+    return {"device_ms_per_tile" if gpu else "host_op_ms_per_tile": round(total, 2),
+            "attention_share": round(attention / max(total, 1e-9), 3),
+            "top_kernels" if gpu else "top_host_ops": [(k[:90], round(t, 2)) for k, t in top]}
+
+
+def attention_timings(tiles: int, tokens: int, dim: int, heads: int, args) -> dict:
+    """ms per tile of one scaled-dot-product attention over `tokens` keys, with the boolean
+    key mask [B, 1, 1, L] the encoder passes on an accelerator (every key valid) and without."""
+    import torch.nn.functional as F
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    q, k, v = (torch.randn(tiles, heads, tokens, dim // heads, device=args.device, dtype=dtype)
+               for _ in range(3))
+    keep = torch.ones(tiles, 1, 1, tokens, dtype=torch.bool, device=args.device)
+    out = {}
+    for label, mask in (("masked", keep), ("unmasked", None)):
+        def run():
+            with torch.inference_mode():
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+        run()
+        started = time.perf_counter()
+        for _ in range(args.repeat):
+            run()
+        out[label] = round(1000 * (time.perf_counter() - started) / args.repeat / tiles, 3)
+    return out
 
 
 def main() -> None:
@@ -84,7 +149,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--subpatch-depth", type=int, default=None,
                         help="sub-patch transformer blocks (the official base uses 6)")
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=list(CASES)[:3], choices=list(CASES))
+    parser.add_argument("--side-m", type=float, default=SIDE_M, help="tile side, metres")
+    parser.add_argument("--patch-m", type=float, default=PATCH_M, help="patch size, metres")
+    parser.add_argument("--profile", action="store_true", help="add the time per kernel or op")
+    parser.add_argument("--attention", action="store_true",
+                        help="add the encoder's attention alone, with and without its key mask")
     args = parser.parse_args()
     for name in args.cases:  # one process per case keeps peak RSS per case
         print(json.dumps(run_case(name, args)), flush=True)
