@@ -2,9 +2,9 @@
 # Every GPU check the open work needs, as one script for the device tool (a lent GPU machine:
 # torch there, the rest from .whl/site.tar.xz, made here by gpu_wheels.sh):
 #   0. the test that a GPU run writes the layer a CPU run writes (PART 1 and all);
-#   1. embed-region throughput, base, bf16, 1024 tiles of 600 m (369 km2: 16 squares of
-#      8 x 8 tiles, so each of the 8 reader processes reads twice; with 256 tiles the 4
-#      squares landed at once and the run mostly measured the wait for them) at 64 tiles per
+#   1. embed-region throughput, base, bf16, 1024 tiles of 600 m (369 km2: 25 squares of up
+#      to 8 x 8 tiles on the grid, about 3 for each of the 8 reader processes; 256 tiles
+#      were 9 squares, all read at once, so that run mostly measured the wait for them) at 64 tiles per
 #      forward, and 36 tiles of 2,400 m (207 km2, the continental deployment's size; 64
 #      tiles did not finish in 100 s) at 8 per forward: km2/s end to end, embedding alone
 #      (no plan, no preview) and where its stream waited, forward alone and reads alone
