@@ -14,7 +14,7 @@ writes, preview), embed_km2_per_s (the tiles' reads, forwards and writes alone, 
 plan and the preview: what a continental run's pods do, its products being made once at the
 end) and where its thread spent that time (stream_reads_s: waiting for reads, stream_model_s:
 batching, copies and forward, stream_writes_s: waiting for writes), model_km2_per_s (the
-forward alone, on the same tiles' batches, same batch size),
+forward alone, on the same tiles' batches, at most the first 256, same batch size),
 tile_size_m, read_km2_per_s (the cube reads alone, in the run's blocks, on read_threads
 threads each, read_workers blocks at once in read_pool: reader processes or threads beside an
 accelerator, one in turn with a CPU model; reader processes start before timing, like the model),
@@ -44,6 +44,7 @@ import numpy as np
 
 DEMO = Path(__file__).resolve().parents[1] / "catalogs" / "demo"
 WEST, NORTH = 664000.0, 5612120.0  # the demo's square kilometre's corner (UTM 31N)
+FORWARD_TILES = 256  # tiles the forward alone is timed on (their batches held in memory)
 
 
 def first_tile(tile_m: float) -> tuple[int, int]:
@@ -144,9 +145,14 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
         plan = read_plan(out, request)
         blocks = run_squares(plan)
         begun = time.perf_counter()
+        samples = []  # the first FORWARD_TILES tiles' batches, for the forward alone; the
+        # others are dropped as they land, so shared memory holds only the squares in flight
         with BlockReaders(plan, overlaps_io(net)) as readers:  # as the run reads
             futures = [readers.submit(*block) for block in blocks]
-            samples = [batch for future in futures for _, batch, _, _ in readers.result(future)]
+            for future in futures:
+                square = readers.result(future)
+                samples += [batch for _, batch, _, _ in square][:FORWARD_TILES - len(samples)]
+                del square
         reads = time.perf_counter() - begun
         cast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
         forward = 0.0
@@ -170,7 +176,7 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
             "km2_per_s": round(area / seconds, 4),
             "embed_km2_per_s": round(area / manifest["embedding"]["seconds"], 4),
             **{f"stream_{k}": manifest["embedding"].get(k, 0) for k in ("reads_s", "model_s", "writes_s")},
-            "model_km2_per_s": round(area / forward, 4),
+            "model_km2_per_s": round(len(samples) * tile_m ** 2 / 1e6 / forward, 4),
             "read_km2_per_s": round(area / reads, 4), "read_threads": READ_THREADS,
             "read_workers": readers.workers, "read_pool": readers.kind,
             "peak_rss_mb": round(peak_rss_mb, 1), "quantize": quantize,

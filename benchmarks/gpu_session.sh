@@ -59,6 +59,7 @@ step() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.txt"; }
 
 step "machine"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; nproc
+  df -h /dev/shm | tail -1  # reader processes hand squares back through it
   $PY -c "import torch, anysat.pipeline, anysat.train.trainer, rasterio, odc.stac
 print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee -a "$OUT/steps.txt" || exit 1
 
@@ -72,6 +73,11 @@ step "embed-region throughput, 600 m tiles ($EMBED), the default readers"
 # shellcheck disable=SC2086
 timeout 150 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE --model base $EMBED \
     2>&1 | grep -v WARNING | tee "$OUT/embed_region.jsonl"
+if [ "$DEVICE" != cpu ] && ! grep -q '"case"' "$OUT/embed_region.jsonl"; then
+    step "no figure from 1,024 tiles (out of time, or of /dev/shm?): 256 tiles"
+    timeout 60 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE --model base \
+        --tiles 256 --batch-sizes 64 2>&1 | grep -v WARNING | tee -a "$OUT/embed_region.jsonl"
+fi
 step "embed-region throughput, 2,400 m tiles ($EMBED_WIDE), the default readers"
 # shellcheck disable=SC2086
 timeout 130 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE \
