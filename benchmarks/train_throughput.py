@@ -33,26 +33,34 @@ def ingest_demo(store: str) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def s3_copy(store: str) -> str:
-    """Start an S3 server (moto) on loopback and copy the store into it."""
-    import socket
+def s3_copy(store: str, name: str = "chips.zarr") -> str:
+    """Copy the store into the S3 server on loopback (moto, started on first use) as `name`."""
+    import fsspec
 
+    start_s3()
+    fs = fsspec.filesystem("s3")
+    fs.put(store.rstrip("/") + "/", f"bench/{name}", recursive=True)
+    return f"s3://bench/{name}"
+
+
+def start_s3() -> None:
     import logging
+    import socket
 
     import fsspec
     from moto.server import ThreadedMotoServer
 
+    if "ANYSAT_BENCH_S3" in os.environ:
+        return
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
     os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
-                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
-    fs = fsspec.filesystem("s3")
-    fs.mkdir("bench")
-    fs.put(store.rstrip("/") + "/", "bench/chips.zarr", recursive=True)
-    return "s3://bench/chips.zarr"
+                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+                       "ANYSAT_BENCH_S3": "1"})
+    fsspec.filesystem("s3").mkdir("bench")
 
 
 class GpuSampler:

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,11 +40,10 @@ from .. import storage
 from ..batch import pad_stack
 from ..model.config import ModalityConfig
 from ..sizes import common_step_m, is_multiple
-from .chips import ChipStoreError, list_chips, read_chip, read_index
+from .chips import ChipStoreError, list_chips, read_chips, read_index
 from .masks import MultiBlockMasks, context_validity
 
 log = logging.getLogger("anysat")
-READ_THREADS = 8  # chips of a batch read concurrently, per loader worker
 
 
 @dataclass(frozen=True)
@@ -135,6 +133,9 @@ class ChipStream(IterableDataset):
             raise ChipStoreError(f"{len(table)} chips cannot feed {world} ranks: ingest more "
                                  "chips or train with fewer processes")
         self.table = table.reset_index(drop=True)
+        # as lists: a batch looks up each of its chips' rows (pandas: 2 us a cell)
+        self._ids, self._stores = list(self.table.id), list(self.table.store)
+        self._sizes = [float(v) for v in self.table.size_m]
         self.modalities = modalities
         self.config = config
         self.rank, self.world, self.start = rank, world, start
@@ -177,7 +178,7 @@ class ChipStream(IterableDataset):
         order = torch.randperm(len(self.table), generator=_generator(self.config.seed, 3)).tolist()
         rows = [order[i % len(order)] for i in range(samples)]
         names = list(self.modalities)
-        crop = max(self._crop_sizes(min(float(self.table.size_m[r]) for r in rows), names))
+        crop = max(self._crop_sizes(min(self._sizes[r] for r in rows), names))
         patches = self._patch_sizes(crop, names)
         whole = [p for p in patches if all(is_multiple(p, self.modalities[n].subpatch_m) for n in names)]
         config = dataclasses.replace(self.config, batch_size=samples, crop_sizes_m=(crop,),
@@ -208,12 +209,9 @@ class ChipStream(IterableDataset):
         patch size and sensor subset from `shapes` (default: `generator`)."""
         cfg = self.config
         shapes = shapes or generator
-        ids = [self.table.id[r] for r in rows]
-        # Object stores answer each request after a round trip: read the batch's chips at once.
-        with ThreadPoolExecutor(max_workers=min(len(rows), READ_THREADS)) as pool:
-            chips = list(zip(ids, pool.map(read_chip, [self.table.store[r] for r in rows], ids)))
+        chips = self._read(rows)
         names = [n for n in self.modalities if any(n in chip for _, chip in chips)]
-        side = min(float(self.table.size_m[r]) for r in rows)
+        side = min(self._sizes[r] for r in rows)
         crops = self._crop_sizes(side, names)
         crop = _pick(crops, shapes)
         patches = self._patch_sizes(crop, names)
@@ -223,7 +221,7 @@ class ChipStream(IterableDataset):
         step = common_step_m([self.modalities[n].gsd_m for n in names])
         batch: dict[str, list[torch.Tensor]] = {}
         for r, (_, chip) in zip(rows, chips):
-            positions = int(round((float(self.table.size_m[r]) - crop) / step)) + 1
+            positions = int(round((self._sizes[r] - crop) / step)) + 1
             oy, ox = (torch.randint(positions, (2,), generator=generator) * step).tolist()
             for name in names:
                 self._crop(batch, chip, name, oy, ox, crop)
@@ -234,6 +232,18 @@ class ChipStream(IterableDataset):
         context_valid = context_validity(out, series, cfg.date_drop, cfg.modality_drop, generator)
         return {"batch": out, "patch_size_m": patch, "masks": (context, targets),
                 "context_valid": context_valid, "chips": [c for c, _ in chips], "index": g}
+
+    def _read(self, rows: list[int]) -> list[tuple[str, dict]]:
+        """(id, chip) of each row, each store's chips fetched in one call (`read_chips`)."""
+        by_store: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_store.setdefault(self._stores[r], []).append(i)
+        chips: list = [None] * len(rows)
+        for store, places in by_store.items():
+            ids = [self._ids[rows[i]] for i in places]
+            for i, chip_id, chip in zip(places, ids, read_chips(store, ids)):
+                chips[i] = (chip_id, chip)
+        return chips
 
     def _sensor_subset(self, names: list[str], chips: list, generator: torch.Generator) -> list[str]:
         """Each sensor dropped with chance sensor_drop; every sample keeps a sensor it has.

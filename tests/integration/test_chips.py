@@ -15,7 +15,7 @@ from anysat.modalities import available_specs
 from anysat.stac import resolve_provider
 from anysat.tiles import Tile
 from anysat.train.chips import (CHIP_SUFFIX, ChipStoreError, chip_record, chip_uri, list_chips,
-                                read_chip, read_index, rebuild_index, write_chip)
+                                read_chip, read_chips, read_index, rebuild_index, write_chip)
 from anysat.train.ingest import write_chips
 from anysat.train.pretrain import ChipSampler
 from tests.conftest import CENTRAL_TILE
@@ -87,6 +87,22 @@ def test_chips_on_s3_round_trip_in_one_request_and_feed_the_sampler(s3_endpoint,
     sample = sampler.sample(2)
     assert sample["sentinel-2-l2a"].shape == (2, 12, 9, 30, 30)
     assert sample["sentinel-2-l2a_mask"].shape == (2, 12, 30, 30)
+
+
+def test_a_batch_of_chips_is_fetched_in_one_call_in_order(s3_endpoint, demo_batch):
+    store = "s3://anysat/chips/batch.zarr"
+    tiles = [Tile(*CENTRAL_TILE), Tile(CENTRAL_TILE[0], CENTRAL_TILE[1] + 1, CENTRAL_TILE[2], 600.0)]
+    shifted = {k: v + 1 if v.is_floating_point() else v for k, v in demo_batch.items()}
+    for tile, batch in zip(tiles, [demo_batch, shifted]):
+        write_chip(store, tile, batch, SPECS)
+    ids = [tiles[1].id, tiles[0].id, tiles[1].id]   # a batch spanning epochs draws a chip twice
+    with _Requests() as requests:
+        chips = read_chips(store, ids)
+    assert requests.methods.count("GET") == 2, requests.methods
+    for chip, expected in zip(chips, [shifted, demo_batch, shifted]):
+        np.testing.assert_array_equal(chip["sentinel-2-l2a"].numpy(), expected["sentinel-2-l2a"].numpy())
+    with pytest.raises(FileNotFoundError, match="no chip absent"):
+        read_chips(store, [tiles[0].id, "absent"])
 
 
 def test_a_chip_being_written_is_not_listed_and_a_damaged_one_is_rewritten(tmp_path, demo_batch):
