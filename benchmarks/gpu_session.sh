@@ -13,10 +13,11 @@
 #      its key mask (benchmarks/model_forward.py --profile --attention);
 #   2. a training step's host and device time, tiny and base, batch 64, 256 and 1024
 #      (benchmarks/train_step_profile.py; PART=2 only);
-#   3. pretraining throughput, tiny and base, bf16, batch 64, 256 and 1024 (on 2026-11-27
+#   3. one loader process's batches per second (benchmarks/chip_stream.py), then
+#      pretraining throughput, tiny and base, bf16, batch 64, 256 and 1024 (on 2026-11-27
 #      the GPU was 48 % busy at 256 and its host time per step grew less than its device
-#      time with the batch): samples/s, GPU busy,
-#      loader wait (benchmarks/train_throughput.py, chips ingested there in the current format);
+#      time with the batch): samples/s, GPU busy, loader wait
+#      (benchmarks/train_throughput.py, chips ingested there in the current format);
 #   4. a short base pretraining on the shipped checkpoint's data and its probe table.
 # Each step has its own time limit, and writes what it measured under $OUT as it goes, so a
 # step cut short still leaves the others' lines.
@@ -103,6 +104,10 @@ CHIPS=/tmp/bench-chips
 rm -rf $CHIPS
 timeout 45 $PY -m anysat.cli ingest --demo --chip-size-m 120 --store $CHIPS --tiles-per-batch 16 \
     > "$OUT/ingest.log" 2>&1 || tail -5 "$OUT/ingest.log"
+
+step "one loader process's batches (benchmarks/chip_stream.py): how many workers a GPU step needs"
+timeout 40 $PY benchmarks/chip_stream.py --chips $CHIPS --stores local --batch-sizes 256 1024 \
+    --seconds 5 2>&1 | tee "$OUT/chip_stream.jsonl"
 
 step "pretraining throughput ($TRAIN)"
 # shellcheck disable=SC2086
