@@ -5,8 +5,10 @@ S / samples_per_s loader workers per rank.
     python benchmarks/chip_stream.py                                  # the demo catalog's 120 m chips
     python benchmarks/chip_stream.py --chips outputs/pretrain-demo/chips/demo.zarr,outputs/pretrain-demo/chips/bigearthnet.zarr
 
-Keys: case, store, batch_size, samples_per_s, s_per_batch, batches. The first batch
-(imports, the first reads) is left out; each case runs about --seconds.
+Keys: case, store, batch_size, samples_per_s, s_per_batch, batches. The S3 store is the
+loopback server (benchmarks/s3_loopback.py), whose own rate (150-600 GETs/s on 2 cores)
+bounds the S3 cases here. The first batch (imports, the first reads) is left out; each case
+runs about --seconds.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import ingest_demo, s3_copy  # noqa: E402
+from s3_loopback import s3_copy  # noqa: E402
+from train_throughput import ingest_demo  # noqa: E402
 
 from anysat.train.stream import ChipStream  # noqa: E402
 from anysat.train.trainer import TrainConfig, prepare  # noqa: E402

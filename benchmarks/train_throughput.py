@@ -25,42 +25,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from s3_loopback import s3_copy  # noqa: E402
 
 
 def ingest_demo(store: str) -> None:
     subprocess.run([sys.executable, "-m", "anysat.cli", "ingest", "--demo", "--chip-size-m", "120",
                     "--store", store, "--tiles-per-batch", "16"], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL)
-
-
-def s3_copy(store: str, name: str = "chips.zarr") -> str:
-    """Copy the store into the S3 server on loopback (moto, started on first use) as `name`."""
-    import fsspec
-
-    start_s3()
-    fs = fsspec.filesystem("s3")
-    fs.put(store.rstrip("/") + "/", f"bench/{name}", recursive=True)
-    return f"s3://bench/{name}"
-
-
-def start_s3() -> None:
-    import logging
-    import socket
-
-    import fsspec
-    from moto.server import ThreadedMotoServer
-
-    if "ANYSAT_BENCH_S3" in os.environ:
-        return
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
-                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                       "ANYSAT_BENCH_S3": "1"})
-    fsspec.filesystem("s3").mkdir("bench")
 
 
 class GpuSampler:
