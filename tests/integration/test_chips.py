@@ -2,7 +2,12 @@
 
 import datetime as dt
 import logging
+import os
 import re
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +23,7 @@ from anysat.train.chips import (CHIP_SUFFIX, ChipStoreError, chip_record, chip_u
                                 read_chip, read_chips, read_index, rebuild_index, write_chip)
 from anysat.train.ingest import write_chips
 from anysat.train.pretrain import ChipSampler
-from tests.conftest import CENTRAL_TILE
+from tests.conftest import CENTRAL_TILE, free_port
 
 pytestmark = pytest.mark.integration
 SPECS = [available_specs()[n] for n in ("sentinel-2-l2a", "sentinel-1", "copernicus-dem")]
@@ -103,6 +108,56 @@ def test_a_batch_of_chips_is_fetched_in_one_call_in_order(s3_endpoint, demo_batc
         np.testing.assert_array_equal(chip["sentinel-2-l2a"].numpy(), expected["sentinel-2-l2a"].numpy())
     with pytest.raises(FileNotFoundError, match="no chip absent"):
         read_chips(store, [tiles[0].id, "absent"])
+
+
+class _SlowGets:
+    """WSGI middleware: each chip GET answered after `delay` s (an object store's latency),
+    counting the most held at once."""
+
+    def __init__(self, app, delay: float):
+        self.app, self.delay, self.now, self.most = app, delay, 0, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        if environ["REQUEST_METHOD"] == "GET" and environ["PATH_INFO"].endswith(CHIP_SUFFIX):
+            with self.lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            time.sleep(self.delay)
+            with self.lock:
+                self.now -= 1
+        return self.app(environ, start_response)
+
+
+@pytest.fixture
+def slow_s3(s3_endpoint):
+    """The session's S3 server's buckets (moto keeps them per process) served again on another
+    port, each chip GET answered after 100 ms: (its endpoint, its counter)."""
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    slow = _SlowGets(DomainDispatcherApplication(create_backend_app), delay=0.1)
+    port = free_port()
+    server = make_server("127.0.0.1", port, slow, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{port}", slow
+    server.shutdown()
+
+
+def test_a_batch_of_chips_goes_out_at_once_not_ten_at_a_time(slow_s3, demo_batch):
+    """s3fs's default pool holds 10 connections: a batch of chips would wait 100 ms per 10."""
+    endpoint, slow = slow_s3
+    store = "s3://anysat/chips/slow.zarr"
+    ids = []
+    for i in range(32):
+        tile = Tile(CENTRAL_TILE[0], CENTRAL_TILE[1] + i, CENTRAL_TILE[2], 600.0)
+        write_chip(store, tile, demo_batch, SPECS)
+        ids.append(tile.id)
+    # read by another process, whose S3 client points at the slow server
+    code = f"from anysat.train.chips import read_chips; print(len(read_chips({store!r}, {ids!r})))"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "AWS_ENDPOINT_URL": endpoint},
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-1] == "32" and slow.most > 10, (slow.most, done.stderr[-2000:])
 
 
 def test_a_chip_being_written_is_not_listed_and_a_damaged_one_is_rewritten(tmp_path, demo_batch):
