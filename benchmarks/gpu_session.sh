@@ -9,8 +9,8 @@
 #      tiles did not finish in 100 s) at 8 per forward: km2/s end to end, embedding alone
 #      (no plan, no preview) and where its stream waited, forward alone and reads alone
 #      (benchmarks/embed_region.py); then the base forward alone on 2,400 m tiles,
-#      profiled: its kernels, the attention's share, and the attention with and without
-#      its key mask (benchmarks/model_forward.py --profile --attention);
+#      profiled: its kernels, the attention's share, its FLOPs and the TFLOP/s achieved, and
+#      the attention with and without its key mask (model_forward.py --profile --flops --attention);
 #   2. a training step's host and device time, tiny and base, batch 64, 256 and 1024
 #      (benchmarks/train_step_profile.py; PART=2 only);
 #   3. one loader process's batches per second (benchmarks/chip_stream.py), then
@@ -83,10 +83,10 @@ step "embed-region throughput, 2,400 m tiles ($EMBED_WIDE), the default readers"
 # shellcheck disable=SC2086
 timeout 130 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE \
     --tile-size-m 2400 $EMBED_WIDE 2>&1 | grep -v WARNING | tee -a "$OUT/embed_region.jsonl"
-step "$FWD_SIZE forward alone, S2+S1+DEM, 30 m patches: its kernels, and its attention with and without the key mask"
+step "$FWD_SIZE forward alone, S2+S1+DEM, 30 m patches: its kernels, FLOPs, and its attention with and without the key mask"
 for CASE in $FWD_CASES; do  # tile side in metres : tiles per forward
-    timeout 50 $PY benchmarks/model_forward.py --size $FWD_SIZE --device "$DEVICE" --dtype $DTYPE \
-        --cases s2+s1+dem --patch-m 30 --repeat 2 --profile --attention --side-m "${CASE%:*}" \
+    timeout 60 $PY benchmarks/model_forward.py --size $FWD_SIZE --device "$DEVICE" --dtype $DTYPE \
+        --cases s2+s1+dem --patch-m 30 --repeat 2 --profile --flops --attention --side-m "${CASE%:*}" \
         --tiles "${CASE#*:}" 2>&1 | grep -v USDT | tee -a "$OUT/model_forward.jsonl"
 done
 fi

@@ -12,10 +12,13 @@ of the reference figures: official AnySat base on this 2-core CPU, S2 only 5.6 s
 
 `--profile` adds where one more forward's time goes (torch.profiler): device_ms_per_tile on a
 GPU, the top kernels (or host ops on a CPU) in ms per tile, and attention_share, the part of
-that time in scaled-dot-product-attention kernels. `--attention` adds, per case, the encoder
-blocks' attention alone at the case's shape (tile token + every sensor's patch tokens, the
-model's heads) with the key mask the model passes on an accelerator and without one: what
-dropping the mask when every token is valid would save (a mask rules out flash kernels).
+that time in scaled-dot-product-attention kernels. `--flops` adds the forward's FLOPs
+(FlopCounterMode: matmuls and attention): gflop_per_tile, tflop_per_s (what the timed forward
+achieved) and flop_shares (each sensor's projector, the sub-patch encoder, the blocks...).
+`--attention` adds, per case, the encoder blocks' attention alone at the case's shape (tile
+token + every sensor's patch tokens, the model's heads) with the key mask the model passes on
+an accelerator and without one: what dropping the mask when every token is valid would save
+(a mask rules out flash kernels).
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ def run_case(name: str, args) -> dict:
             "subpatch_depth": model.config.subpatch_depth, "threads": torch.get_num_threads()}
     if args.profile:
         case.update(profiled(once, args))
+    if args.flops:
+        case.update(counted_flops(model, batch, autocast, args, per_tile))
     if args.attention:
         tokens = 1 + len(specs) * round(args.side_m / args.patch_m) ** 2
         case["attention_ms_per_tile"] = attention_timings(
@@ -114,6 +119,37 @@ def profiled(once, args) -> dict:
     return {"device_ms_per_tile" if gpu else "host_op_ms_per_tile": round(total, 2),
             "attention_share": round(attention / max(total, 1e-9), 3),
             "top_kernels" if gpu else "top_host_ops": [(k[:90], round(t, 2)) for k, t in top]}
+
+
+def counted_flops(model, batch, autocast, args, seconds_per_tile: float) -> dict:
+    """The forward's floating-point operations (matmuls and attention, as torch's
+    FlopCounterMode counts them), what the timed forward achieved per second, and each
+    part's share: where a device's time should go if every kernel ran at the same speed."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    # the CPU's attention kernel is not in torch's table
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops}
+    with torch.no_grad(), autocast, FlopCounterMode(display=False, depth=3,
+                                                    custom_mapping=cpu_attention) as counter:
+        model(batch, args.patch_m, "patch")
+    total = counter.get_total_flops()
+    counts = {tuple(name.split(".")[1:]): sum(ops.values())   # paths below the model
+              for name, ops in counter.get_flop_counts().items()}
+    parts: dict[str, int] = {}
+    for path, flops in counts.items():
+        if path in ((), ("projectors",)):
+            continue
+        group = path[:2] if path[0] == "projectors" else path[:1]   # a projector per sensor
+        # the group's own count, or its children's where it is never called (a ModuleList)
+        if path == group or group not in counts and len(path) == len(group) + 1:
+            parts[".".join(group)] = parts.get(".".join(group), 0) + flops
+    gflop = total / 1e9 / args.tiles
+    return {"gflop_per_tile": round(gflop, 1), "tflop_per_s": round(gflop / seconds_per_tile / 1000, 2),
+            "flop_shares": {k: round(v / total, 3) for k, v in
+                            sorted(parts.items(), key=lambda kv: kv[1], reverse=True) if v / total >= 0.005}}
 
 
 def attention_timings(tiles: int, tokens: int, dim: int, heads: int, args) -> dict:
@@ -153,6 +189,8 @@ def main() -> None:
     parser.add_argument("--side-m", type=float, default=SIDE_M, help="tile side, metres")
     parser.add_argument("--patch-m", type=float, default=PATCH_M, help="patch size, metres")
     parser.add_argument("--profile", action="store_true", help="add the time per kernel or op")
+    parser.add_argument("--flops", action="store_true",
+                        help="add the forward's FLOPs per tile, the rate achieved and each part's share")
     parser.add_argument("--attention", action="store_true",
                         help="add the encoder's attention alone, with and without its key mask")
     args = parser.parse_args()
