@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,8 +24,16 @@ def serve(port: int) -> None:
     from werkzeug.serving import make_server
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     make_server("127.0.0.1", port, DomainDispatcherApplication(create_backend_app),
                 threaded=True).serve_forever()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A benchmark killed outright (SIGKILL, SIGTERM: no atexit) leaves no server behind."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
 
 
 def start_s3() -> None:
