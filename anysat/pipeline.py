@@ -44,7 +44,6 @@ from .tiles import Tile
 log = logging.getLogger("anysat")
 PREFETCH_BATCHES = 1  # batches of tiles read ahead of the model (memory: 2 batches in hand)
 PROGRESS_TILES = 256  # a progress line per this many tiles of a run
-MARKER_READS = 16  # done-markers read at once from an object store
 PREVIEW_MAX_SIDE = 2048  # pixels: previews and map PNGs of a continent stay small
 
 
@@ -183,18 +182,17 @@ def _waited(waits: Counter, write: Future) -> dict:
 
 def _unfinished(plan: RunPlan, tile_ids: list[str]) -> Iterator[tuple[list[dict], list[Tile]]]:
     """Per run of consecutive tiles of one search block: the results of those already done
-    (their markers, then marked skipped) and the tiles still to do. Markers are read
-    MARKER_READS at once on an object store (each read is a round trip), one block at a
-    time, so a continent's run starts reading at once instead of after a million lookups.
-    On a local disk, in turn (threads there only slowed the 2-core benchmark)."""
+    (their markers, then marked skipped) and the tiles still to do. A block's markers are
+    read in one call (`storage.read_many`: on an object store, at once), one block at a
+    time, so a continent's run starts reading at once instead of after a million lookups."""
     blocks = plan.tiles.loc[tile_ids, "block"].to_numpy()
     cuts = [0, *(np.flatnonzero(blocks[1:] != blocks[:-1]) + 1), len(tile_ids)]
-    with (InTurn() if storage.is_local(plan.uri) else ThreadPoolExecutor(MARKER_READS)) as pool:
-        for start, end in zip(cuts, cuts[1:]):
-            ids = tile_ids[start:end]
-            markers = list(pool.map(storage.read_json, [plan.marker_uri(t) for t in ids]))
-            yield ([{**m, "skipped": True} for m in markers if m is not None],
-                   [plan.tile(t) for t, m in zip(ids, markers) if m is None])
+    for start, end in zip(cuts, cuts[1:]):
+        ids = tile_ids[start:end]
+        markers = [None if raw is None else json.loads(raw)
+                   for raw in storage.read_many([plan.marker_uri(t) for t in ids])]
+        yield ([{**m, "skipped": True} for m in markers if m is not None],
+               [plan.tile(t) for t, m in zip(ids, markers) if m is None])
 
 
 def overlaps_io(model: AnySat) -> bool:

@@ -225,21 +225,14 @@ def read_chip(store_uri: str, tile_id: str) -> dict[str, torch.Tensor]:
 
 
 def read_chips(store_uri: str, tile_ids: list[str]) -> list[dict[str, torch.Tensor]]:
-    """Chips of one store, as `read_chip` gives each, their objects fetched in one call: an
-    object store's requests go out together (s3fs: at once, on its event loop), local files
-    are read in turn. Decoding stays in this thread: with 8 reader threads per loader worker,
+    """Chips of one store, as `read_chip` gives each, their objects fetched in one call
+    (`storage.read_many`) and decoded in this thread: with 8 reader threads per loader worker,
     batches of 256 local chips took 0.43 s on 2 cores, 0.27 s read in turn."""
-    fs, path = storage.filesystem(store_uri)
-    paths = [fs._strip_protocol(storage.join(path, i + CHIP_SUFFIX)) for i in tile_ids]
-    blobs = fs.cat(paths, on_error="return") if paths else {}
     chips = []
-    for tile_id, chip_path in zip(tile_ids, paths):
-        blob = blobs[chip_path]
-        if isinstance(blob, FileNotFoundError):
+    for tile_id, blob in zip(tile_ids, storage.read_many([chip_uri(store_uri, i) for i in tile_ids])):
+        if blob is None:
             chips.append(_read_legacy_chip(store_uri, tile_id))
             continue
-        if isinstance(blob, Exception):
-            raise blob
         meta, tensors = _decode(store_uri, tile_id, blob)
         batch = {}
         for name in meta["sensors"]:

@@ -110,6 +110,14 @@ def test_a_batch_of_chips_is_fetched_in_one_call_in_order(s3_endpoint, demo_batc
         read_chips(store, [tiles[0].id, "absent"])
 
 
+def test_a_store_whose_path_looks_like_a_pattern_is_read_as_it_is(tmp_path, demo_batch):
+    store, tile = str(tmp_path / "run[1]" / "chips.zarr"), Tile(*CENTRAL_TILE)
+    write_chip(store, tile, demo_batch, SPECS)
+    chip, = read_chips(store, [tile.id])
+    np.testing.assert_array_equal(chip["sentinel-1"].numpy(), demo_batch["sentinel-1"].numpy())
+    assert storage.read_many([chip_uri(store, "absent"), chip_uri(store, tile.id)])[0] is None
+
+
 class _SlowGets:
     """WSGI middleware: each chip GET answered after `delay` s (an object store's latency),
     counting the most held at once."""
