@@ -34,7 +34,7 @@ logging.getLogger("asyncio").addFilter(_OrphanedRequest())
 
 # s3fs keeps at most 10 connections per client (aiobotocore's default), so a training batch's
 # chips, fetched in one call, went out 10 at a time: 128 chips from a server answering each
-# GET in 200 ms took 3.1 s, 1.0 s with this many. A setting of the user's (the environment's
+# GET in 200 ms took 3.1 s, 1.0-1.2 s with this many. A setting of the user's (the environment's
 # FSSPEC_S3, fsspec's config files) wins.
 S3_CONNECTIONS = 64
 _s3_config = fsspec.config.conf.setdefault("s3", {})
