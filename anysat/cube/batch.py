@@ -68,13 +68,13 @@ def _add_sensor(batch: Batch, dates: dict[str, int], spec: ModalitySpec, cube, i
 def _add_pixels(batch: Batch, dates: dict[str, int], spec: ModalitySpec, values: np.ndarray,
                 times: np.ndarray, finite: np.ndarray | None = None) -> None:
     """A sensor's (time, band, y, x) pixels into the batch; `finite`: their (time, y, x)
-    all-bands-finite mask, if already known."""
-    values = np.ascontiguousarray(values)
+    all-bands-finite mask, if already known. Windows of a block stay views of it (batches
+    are stacked or packed into new memory anyway)."""
     if finite is None:
-        finite = np.isfinite(values).all(axis=1)
+        finite = _all_bands_finite(values)
     batch[spec.name] = torch.from_numpy(values)[None]
     batch[f"{spec.name}_dates"] = days_since_epoch(times)[None]
-    batch[f"{spec.name}_mask"] = torch.from_numpy(np.ascontiguousarray(finite))[None]
+    batch[f"{spec.name}_mask"] = torch.from_numpy(finite)[None]
     dates[spec.name] = len(times)
 
 
@@ -132,21 +132,31 @@ def _read_block(items, specs, tiles, area, naming, patch_url, time_bin, backend,
         # once for the block, and the tiles cut in numpy: per tile in xarray (isel, a median
         # per band, isfinite) it was a quarter of a reader's time for squares of 16 tiles
         values, times = cube.values, cube.time.values
-        finite = None if binned else np.isfinite(values).all(axis=1)
+        finite = None if binned else _all_bands_finite(values)
         warn_if_unusual(values, spec, list(union.values()))
         for (batch, dates), own, tile in zip(results, items, tiles):
             if not own.get(spec.name):
                 continue
             keep = [days.index(d) for d in sorted({solar_day(i) for i in own[spec.name]})]
+            if len(keep) == len(days):  # a view: the tiles share the block, no copy of it
+                keep = slice(None)
             window = _window(block, tile.geobox(spec.gsd_m))
             if binned:
                 tile_cube = read_cube(bin_time(cube.isel(time=keep, **window), time_bin))
                 _add_pixels(batch, dates, spec, tile_cube.values, tile_cube.time.values)
                 continue
             rows, cols = window["y"], window["x"]
-            _add_pixels(batch, dates, spec, values[:, :, rows, cols][keep], times[keep],
-                        finite[:, rows, cols][keep])
+            _add_pixels(batch, dates, spec, values[keep, :, rows, cols], times[keep],
+                        finite[keep, rows, cols])
     return results
+
+
+def _all_bands_finite(values: np.ndarray) -> np.ndarray:
+    """(time, y, x): every band finite; a band at a time (no mask the block's size)."""
+    finite = np.isfinite(values[:, 0])
+    for band in range(1, values.shape[1]):
+        finite &= np.isfinite(values[:, band])
+    return finite
 
 
 def _window(block: GeoBox, tile: GeoBox) -> dict[str, slice]:

@@ -82,11 +82,17 @@ def _read_odc(items: Sequence[pystac.Item], assets: list[str], resampling: dict[
     # ran at 0.6x plain rasterio reads in benchmarks/cube_load.py). On 2 local cores it gains
     # nothing (decompression holds them); it is there for remote COGs, whose opens and range
     # requests wait on the network (not measured here).
-    raw = odc.stac.load(items, bands=assets, geobox=geobox, groupby="solar_day",
-                        chunks={"x": -1, "y": -1} if lazy else None, resampling=resampling,
-                        nodata=nodata, patch_url=patch_url, fail_on_error=True,
-                        pool=threads if threads > 1 and not lazy else None)
+    raw = _load_odc(items, assets, resampling, geobox, nodata, patch_url, lazy, threads)
     return raw[assets].to_dataarray("band").transpose("time", "band", "y", "x")
+
+
+def _load_odc(items: Sequence[pystac.Item], assets: list[str], resampling: dict[str, str],
+              geobox: GeoBox, nodata: float | None, patch_url, lazy: bool,
+              threads: int) -> xr.Dataset:
+    return odc.stac.load(items, bands=assets, geobox=geobox, groupby="solar_day",
+                         chunks={"x": -1, "y": -1} if lazy else None, resampling=resampling,
+                         nodata=nodata, patch_url=patch_url, fail_on_error=True,
+                         pool=threads if threads > 1 and not lazy else None)
 
 
 def _read_stackstac(items: Sequence[pystac.Item], assets: list[str], resampling: dict[str, str],
@@ -227,8 +233,22 @@ def load_cube(items: Sequence[pystac.Item], spec: ModalitySpec, geobox: GeoBox, 
     resampling = {a: spec.resampling for a in assets}
     if mask_asset:
         resampling[mask_asset] = "nearest"  # classes and bit flags must not be interpolated
-    raw = READERS[backend](items, list(resampling), resampling, geobox, spec.nodata, patch_url,
-                           lazy, threads)
+    if backend == "odc-stac" and not lazy:
+        bands = _load_odc(items, list(resampling), resampling, geobox, spec.nodata, patch_url,
+                          lazy, threads)
+        cube = _physical(bands, assets, mask_asset, spec, items)
+    else:
+        cube = _physical_lazy(READERS[backend](items, list(resampling), resampling, geobox,
+                                               spec.nodata, patch_url, lazy, threads),
+                              assets, mask_asset, spec, items, lazy)
+    cube.attrs = {"sensor": spec.name, "gsd_m": spec.gsd_m, "crs": str(geobox.crs),
+                  "transform": tuple(geobox.affine)[:6], "backend": backend}
+    return cube.rename(spec.name)
+
+
+def _physical_lazy(raw: xr.DataArray, assets: list[str], mask_asset: str | None,
+                   spec: ModalitySpec, items: Sequence[pystac.Item], lazy: bool) -> xr.DataArray:
+    """Scaled and masked in xarray: on Dask (lazy) or as read by stackstac."""
     cube = raw.sel(band=assets)
     valid = cube.notnull()
     if spec.nodata is not None:
@@ -236,34 +256,41 @@ def load_cube(items: Sequence[pystac.Item], spec: ModalitySpec, geobox: GeoBox, 
     if mask_asset:
         valid = valid & ~invalid_pixels(raw.sel(band=mask_asset), spec.cloud_mask)
     offsets = _offsets_per_day(items, spec, assets[0], cube.sizes["time"])
-    if lazy or not isinstance(cube.data, np.ndarray):
-        values = cube.astype("float32") * np.float32(spec.scale) + xr.DataArray(offsets, dims="time")
-        if spec.transform == "db":
-            valid = valid & (values > 0)
-            values = 10 * np.log10(values.where(valid))
-        cube = values.where(valid).astype("float32").assign_coords(band=spec.band_names)
-        cube = cube.chunk({"time": -1, "band": -1, "y": -1, "x": -1}) if lazy else read_cube(cube)
-    else:
-        cube = cube.copy(data=_physical(cube.values, valid.values, spec, offsets))
-        cube = cube.assign_coords(band=spec.band_names)
-    cube.attrs = {"sensor": spec.name, "gsd_m": spec.gsd_m, "crs": str(geobox.crs),
-                  "transform": tuple(geobox.affine)[:6], "backend": backend}
-    return cube.rename(spec.name)
-
-
-def _physical(raw: np.ndarray, valid: np.ndarray, spec: ModalitySpec, offsets: np.ndarray
-              ) -> np.ndarray:
-    """The lazy path's arithmetic in place on one float32 copy (a block of tiles holds a few
-    hundred MB: no temporaries of its size)."""
-    values = raw.astype(np.float32)
-    values *= np.float32(spec.scale)
-    values += offsets[:, None, None, None]
+    values = cube.astype("float32") * np.float32(spec.scale) + xr.DataArray(offsets, dims="time")
     if spec.transform == "db":
-        valid &= values > 0
-        np.log10(values, out=values, where=valid)
-        values *= np.float32(10)
-    values[~valid] = np.nan
-    return values
+        valid = valid & (values > 0)
+        values = 10 * np.log10(values.where(valid))
+    cube = values.where(valid).astype("float32").assign_coords(band=spec.band_names)
+    return cube.chunk({"time": -1, "band": -1, "y": -1, "x": -1}) if lazy else read_cube(cube)
+
+
+def _physical(bands: xr.Dataset, assets: list[str], mask_asset: str | None, spec: ModalitySpec,
+              items: Sequence[pystac.Item]) -> xr.DataArray:
+    """`_physical_lazy`'s arithmetic on pixels read into numpy, into one float32 array filled
+    a band at a time: a block of tiles holds a few hundred MB, and stacking the bands first
+    (then selecting, then a mask of every band) held about 3x the result at once."""
+    first = bands[assets[0]]
+    offsets = _offsets_per_day(items, spec, assets[0], first.sizes["time"])[:, None, None]
+    rejected = (invalid_pixels(bands[mask_asset], spec.cloud_mask).values if mask_asset
+                else None)
+    values = np.empty((first.shape[0], len(assets), *first.shape[1:]), np.float32)
+    for index, asset in enumerate(assets):
+        raw, out = bands[asset].values, values[:, index]
+        invalid = np.isnan(raw) if raw.dtype.kind == "f" else np.zeros(raw.shape, bool)
+        if spec.nodata is not None:
+            invalid |= raw == spec.nodata
+        if rejected is not None:
+            invalid |= rejected
+        out[...] = raw
+        out *= np.float32(spec.scale)
+        out += offsets
+        if spec.transform == "db":
+            invalid |= ~(out > 0)
+            np.log10(out, out=out, where=~invalid)
+            out *= np.float32(10)
+        out[invalid] = np.nan
+    return xr.DataArray(values, dims=("time", "band", "y", "x"),
+                        coords={**first.coords, "band": spec.band_names})
 
 
 def read_cube(cube: xr.DataArray) -> xr.DataArray:
