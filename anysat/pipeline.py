@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -43,6 +45,10 @@ from .tiles import Tile
 
 log = logging.getLogger("anysat")
 PREFETCH_BATCHES = 1  # batches of tiles read ahead of the model (memory: 2 batches in hand)
+# threads writing tiles beside an accelerator: a tile is 2-4 requests (its chunk, overview
+# and scale chunks, its marker), and one thread, at 20 ms a request, wrote 8-11 tiles of
+# 600 m a second, 3-4 km2/s (benchmarks/tile_writes.py)
+WRITE_THREADS = {"local": 4, "object store": 16}
 PROGRESS_TILES = 256  # a progress line per this many tiles of a run
 PREVIEW_MAX_SIDE = 2048  # pixels: previews and map PNGs of a continent stay small
 
@@ -126,16 +132,20 @@ def embed_stream(plan: RunPlan, tile_ids: list[str], waits: Counter | None = Non
     model = get_model(request.model, request.sensors, request.device)
     n = request.batch_size
     overlap = overlaps_io(model)
+    threads = write_threads(plan.uri) if overlap else 1
     in_hand: list = []
     flying: list[_Forward] = []  # the batch on the device while the next one is made ready
-    writes: deque = deque()  # at most a batch of tiles behind the model
-    layers: dict[int, LayerWriter] = {}  # per zone, opened at its first tile
-    with BlockReaders(plan, overlap) as readers, _writer(overlap) as writer:
-        # tiles read ahead of the forward: a batch's worth, and every reader busy with a square
+    writes: deque = deque()  # at most a batch of tiles (or a tile per writer) behind the model
+    layers = _Layers(plan)
+    with BlockReaders(plan, overlap) as readers, _writer(threads, overlap) as writer:
+        # beside an accelerator, tiles read ahead of the forward: a batch's worth, and every
+        # reader busy with a square; in turn, a square when the tiles in hand run short (one
+        # read ahead would be a second square in memory and no faster)
         ahead = max(PREFETCH_BATCHES * n, readers.workers * plan.read_side**2)
         pending: deque = deque()
         while True:
-            while sum(len(block) for _, block in pending) < ahead:
+            while (sum(len(block) for _, block in pending) < ahead if overlap
+                   else not pending and len(in_hand) < n):
                 if not queued:
                     part = next(parts, None)
                     if part is None:
@@ -150,12 +160,12 @@ def embed_stream(plan: RunPlan, tile_ids: list[str], waits: Counter | None = Non
             if len(in_hand) >= n or not pending:  # a forward's worth, or the last tiles
                 if not in_hand and not flying:
                     break
-                group, in_hand = in_hand[:n], in_hand[n:]
                 started = time.perf_counter()
-                landing, flying = flying, _launch(plan, model, group)
+                landing, flying = flying, _launch(plan, model, in_hand[:n])
+                in_hand = in_hand[n:]  # no reference left to the launched tiles' pixels
                 waits["model_s"] += time.perf_counter() - started
                 for args in _landed(landing, waits):
-                    while len(writes) >= n:
+                    while len(writes) >= max(n, threads):
                         yield _waited(waits, writes.popleft())
                     started = time.perf_counter()  # in turn: the write itself
                     writes.append(writer.submit(_write_tile, plan, layers, *args))
@@ -164,11 +174,10 @@ def embed_stream(plan: RunPlan, tile_ids: list[str], waits: Counter | None = Non
             started = time.perf_counter()
             square = readers.result(pending.popleft()[0])
             waits["reads_s"] += time.perf_counter() - started
-            for loaded in square:
-                if isinstance(loaded, dict):  # a tile that failed to read
-                    yield loaded
-                else:
-                    in_hand.append(loaded)
+            in_hand += [loaded for loaded in square if not isinstance(loaded, dict)]
+            failed = [loaded for loaded in square if isinstance(loaded, dict)]
+            del square  # its tiles are in hand, and go with them (a block read in turn)
+            yield from failed  # tiles that failed to read
         while writes:
             yield _waited(waits, writes.popleft())
 
@@ -202,15 +211,40 @@ def overlaps_io(model: AnySat) -> bool:
     return next(model.parameters()).device.type != "cpu"
 
 
-def _writer(overlap: bool) -> Executor:
-    return ThreadPoolExecutor(max_workers=1) if overlap else InTurn()
+def write_threads(uri: str) -> int:
+    """Threads writing tiles beside an accelerator: `ANYSAT_WRITE_THREADS`, by default
+    `WRITE_THREADS` for the output's kind of store."""
+    value = os.environ.get("ANYSAT_WRITE_THREADS", "")
+    if not value:
+        return WRITE_THREADS["local" if storage.is_local(uri) else "object store"]
+    if not value.isdigit() or int(value) < 1:
+        raise RequestError(f"ANYSAT_WRITE_THREADS={value!r}: give a whole number of threads "
+                           "writing tiles, 1 or more")
+    return int(value)
+
+
+def _writer(threads: int, overlap: bool) -> Executor:
+    return ThreadPoolExecutor(max_workers=threads) if overlap else InTurn()
+
+
+class _Layers:
+    """Each zone's `LayerWriter`, opened at its first tile, once for all writer threads."""
+
+    def __init__(self, plan: RunPlan):
+        self.plan, self.writers, self.lock = plan, {}, threading.Lock()
+
+    def __getitem__(self, epsg: int) -> LayerWriter:
+        with self.lock:
+            if epsg not in self.writers:
+                self.writers[epsg] = LayerWriter(self.plan.layer_uri(epsg), self.plan.zone(epsg).grid)
+            return self.writers[epsg]
 
 
 @dataclass
 class _Forward:
     """A forward of tiles with the same sensors, launched: its patches reach the host once
     `landed` (on a GPU, copied without blocking the host, after the event `done`)."""
-    items: list                          # (tile, batch, dates, read seconds)
+    items: list                          # (tile, dates, read seconds)
     patches: torch.Tensor | None         # [B, H/P, W/P, D] float32 on the host
     valid: np.ndarray | None             # [B, H/P, W/P] bool
     done: torch.cuda.Event | None
@@ -235,8 +269,11 @@ def _launch(plan: RunPlan, model: AnySat, group: list[tuple[Tile, dict, dict, fl
     launched = []
     for keys, items in by_sensors.items():
         started = time.perf_counter()
+        # the tiles' pixels are not kept: in a square read in turn they are views of its
+        # block, which would stay in memory beside the next square's
+        kept = [(tile, dates, read_s) for tile, _, dates, read_s in items]
         if not keys:  # no sensor had items: nothing to embed
-            launched.append(_Forward(items, None, None, None, 0.0))
+            launched.append(_Forward(kept, None, None, None, 0.0))
             continue
         host = stack_samples([b for _, b, _, _ in items], pin_memory=gpu)
         valid = model.patch_validity(host, request.patch_size_m, check_values=False).numpy()
@@ -252,7 +289,7 @@ def _launch(plan: RunPlan, model: AnySat, group: list[tuple[Tile, dict, dict, fl
             done.record()
         else:
             patches = patches.cpu()
-        launched.append(_Forward(items, patches, valid, done, time.perf_counter() - started))
+        launched.append(_Forward(kept, patches, valid, done, time.perf_counter() - started))
     return launched
 
 
@@ -266,15 +303,15 @@ def _landed(forwards: list[_Forward], waits: Counter) -> Iterator[tuple]:
         landed_s = time.perf_counter() - started
         waits["model_s"] += landed_s
         per_tile = (forward.seconds + landed_s) / len(forward.items)
-        for i, (tile, _, dates, read_s) in enumerate(forward.items):
+        for i, (tile, dates, read_s) in enumerate(forward.items):
             yield (tile, None if patches is None else patches[i],
                    None if forward.valid is None else forward.valid[i], dates, read_s + per_tile)
 
 
-def _write_tile(plan: RunPlan, layers: dict[int, LayerWriter], tile: Tile,
-                patches: np.ndarray | None, valid: np.ndarray | None, dates: dict,
-                seconds: float) -> dict:
-    """Write a tile's patches (NaN where no sensor had data), then its done-marker."""
+def _write_tile(plan: RunPlan, layers: _Layers, tile: Tile, patches: np.ndarray | None,
+                valid: np.ndarray | None, dates: dict, seconds: float) -> dict:
+    """Write a tile's patches (NaN where no sensor had data), then its done-marker (tiles
+    on several threads: each its own chunks)."""
     grid = plan.zone(tile.epsg).grid
     valid_patches = 0
     if patches is not None:
@@ -286,8 +323,6 @@ def _write_tile(plan: RunPlan, layers: dict[int, LayerWriter], tile: Tile,
               "seconds": round(seconds, 3)}
     try:  # the chunk first, its marker last: a tile is done only once both are whole
         if valid_patches:
-            if tile.epsg not in layers:
-                layers[tile.epsg] = LayerWriter(plan.layer_uri(tile.epsg), grid)
             layers[tile.epsg].write(tile, patches)
         storage.write_bytes_atomic(plan.marker_uri(tile.id), json.dumps(result).encode())
     except Exception as exc:  # noqa: BLE001 - object storage, disk: any failure to write

@@ -169,6 +169,17 @@ def _keep_freed_memory() -> None:
         pass
 
 
+def _give_back_freed_memory() -> None:
+    """Return the heap's free pages to the system (glibc keeps what it cannot trim from the
+    top of the heap): before each square read in turn, so that the run's process, which
+    also holds the model, does not grow square by square (2 cores, 256 tiles of 600 m in 4
+    squares, 3 runs each: peak RSS 840-880 MB, 890-930 MB without)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _exit_after(run_pid: int) -> None:
     """Exit once the run's process is gone. A reader holds both ends of its pool's pipes (as
     any forkserver child does), so a run killed outright (SIGKILL, out of memory, a Dask
@@ -266,6 +277,8 @@ class BlockReaders:
             self._executor.shutdown()
 
     def submit(self, tiles: list[Tile], square: tuple[Tile, Tile]) -> Future:
+        if self.kind == "in turn":
+            _give_back_freed_memory()
         if self.kind != "processes":
             return self._executor.submit(read_square, self.plan, tiles, square)
         plan = self.plan

@@ -1,8 +1,10 @@
 """An S3 server on loopback for the benchmarks: moto, in its own process, so that its Python
 work does not take the GIL from the benchmark's own (a loader reading chips in-process).
 On 2 cores it answers about 150-600 GETs a second, a ceiling on any S3 figure measured here.
+`latency_ms` holds every request that long before answering (an object store's round trip:
+what many requests in flight hide, and requests in turn pay in full).
 
-    python benchmarks/s3_loopback.py PORT     # serve until killed
+    python benchmarks/s3_loopback.py PORT [LATENCY_MS]    # serve until killed
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from pathlib import Path
 
 
-def serve(port: int) -> None:
+def serve(port: int, latency_ms: float = 0.0) -> None:
     import logging
 
     from moto.server import DomainDispatcherApplication, create_backend_app
@@ -25,8 +27,13 @@ def serve(port: int) -> None:
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    make_server("127.0.0.1", port, DomainDispatcherApplication(create_backend_app),
-                threaded=True).serve_forever()
+    app = DomainDispatcherApplication(create_backend_app)
+
+    def held(environ, start_response):
+        time.sleep(latency_ms / 1000)
+        return app(environ, start_response)
+
+    make_server("127.0.0.1", port, held if latency_ms else app, threaded=True).serve_forever()
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -36,14 +43,14 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(0)
 
 
-def start_s3() -> None:
+def start_s3(latency_ms: float = 0.0) -> None:
     """Start the server (once per process) and point this process's S3 clients at it."""
     if "ANYSAT_BENCH_S3" in os.environ:
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, __file__, str(port)])
+    server = subprocess.Popen([sys.executable, __file__, str(port), str(latency_ms)])
     atexit.register(server.terminate)
     while True:  # no fixed deadline: a loaded machine starts it late; a failed start says so
         if server.poll() is not None:
@@ -71,4 +78,4 @@ def s3_copy(store: str, name: str = "chips.zarr") -> str:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    serve(int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.0)

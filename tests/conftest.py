@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +47,40 @@ def s3_endpoint():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+class _Slow:
+    """WSGI middleware: each `method` request for a path that `pattern` matches answered after
+    `delay` s (an object store's latency), counting the most held at once."""
+
+    def __init__(self, app, delay: float, method: str, pattern: str):
+        self.app, self.delay, self.method, self.pattern = app, delay, method, re.compile(pattern)
+        self.now = self.most = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        if environ["REQUEST_METHOD"] == self.method and self.pattern.search(environ["PATH_INFO"]):
+            with self.lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            time.sleep(self.delay)
+            with self.lock:
+                self.now -= 1
+        return self.app(environ, start_response)
+
+
+def slow_s3_server(method: str, pattern: str, delay: float = 0.1):
+    """The session's S3 server's buckets (moto keeps them per process: use with `s3_endpoint`)
+    served again on another port, `method` requests for paths `pattern` matches answered
+    after `delay` s; yields (its endpoint, its counter) for a fixture."""
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    slow = _Slow(DomainDispatcherApplication(create_backend_app), delay, method, pattern)
+    server = make_server("127.0.0.1", free_port(), slow, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", slow
+    server.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,8 @@ it (as on the CPU)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -17,6 +19,7 @@ from anysat import pipeline
 from anysat.pipeline import run_region
 from anysat.products.zarr_layer import pool_mean, read_layer, read_overview
 from anysat.request import RegionRequest
+from tests.conftest import slow_s3_server
 
 pytestmark = pytest.mark.integration
 
@@ -62,6 +65,31 @@ def test_a_gpu_run_writes_the_layer_a_cpu_run_writes(tmp_path):
     cpu, gpu = layers["cpu"], layers["cuda"]
     assert np.array_equal(np.isnan(cpu), np.isnan(gpu)) and np.isfinite(cpu).any()
     np.testing.assert_allclose(gpu, cpu, rtol=1e-2, atol=1e-2)   # other kernels, same tiles
+
+
+@pytest.fixture
+def slow_markers(s3_endpoint):
+    """Tile done-markers' PUTs answered after 100 ms."""
+    yield from slow_s3_server("PUT", r"/tiles/[^/]+\.json$")
+
+
+def test_tiles_go_to_an_object_store_on_many_threads_beside_an_accelerator(slow_markers):
+    """A tile is 2-4 requests: written one at a time, at tens of ms a request, a GPU run
+    would write 3-4 km2/s (benchmarks/tile_writes.py)."""
+    import fsspec
+
+    endpoint, slow = slow_markers
+    request = dict(bbox=DEMO_BBOX, start=str(DEMO_DATES[0]), end=str(DEMO_DATES[1]), patch_size_m=60.0,
+                   tile_size_m=240.0, batch_size=4, output_uri="s3://anysat/many-writers")
+    code = ("from anysat import pipeline\n"
+            "pipeline.overlaps_io = lambda model: True  # as on an accelerator\n"
+            "from anysat.request import RegionRequest\n"
+            f"print(pipeline.run_region(RegionRequest.build(**{request!r}))['tiles'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "AWS_ENDPOINT_URL": endpoint, "ANYSAT_READER_POOL": "threads"})
+    assert done.returncode == 0 and done.stdout.split()[-1] == "25", done.stderr[-2000:]
+    assert len(fsspec.filesystem("s3").ls("anysat/many-writers/tiles")) == 25
+    assert slow.most >= 4, slow.most   # a batch's tiles at once (one writer: 1)
 
 
 def test_a_killed_reader_process_is_a_clear_error_and_a_rerun_completes(tmp_path, monkeypatch):

@@ -6,8 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -23,7 +21,7 @@ from anysat.train.chips import (CHIP_SUFFIX, ChipStoreError, chip_record, chip_u
                                 read_chip, read_chips, read_index, rebuild_index, write_chip)
 from anysat.train.ingest import write_chips
 from anysat.train.pretrain import ChipSampler
-from tests.conftest import CENTRAL_TILE, free_port
+from tests.conftest import CENTRAL_TILE, slow_s3_server
 
 pytestmark = pytest.mark.integration
 SPECS = [available_specs()[n] for n in ("sentinel-2-l2a", "sentinel-1", "copernicus-dem")]
@@ -118,38 +116,10 @@ def test_a_store_whose_path_looks_like_a_pattern_is_read_as_it_is(tmp_path, demo
     assert storage.read_many([chip_uri(store, "absent"), chip_uri(store, tile.id)])[0] is None
 
 
-class _SlowGets:
-    """WSGI middleware: each chip GET answered after `delay` s (an object store's latency),
-    counting the most held at once."""
-
-    def __init__(self, app, delay: float):
-        self.app, self.delay, self.now, self.most = app, delay, 0, 0
-        self.lock = threading.Lock()
-
-    def __call__(self, environ, start_response):
-        if environ["REQUEST_METHOD"] == "GET" and environ["PATH_INFO"].endswith(CHIP_SUFFIX):
-            with self.lock:
-                self.now += 1
-                self.most = max(self.most, self.now)
-            time.sleep(self.delay)
-            with self.lock:
-                self.now -= 1
-        return self.app(environ, start_response)
-
-
 @pytest.fixture
 def slow_s3(s3_endpoint):
-    """The session's S3 server's buckets (moto keeps them per process) served again on another
-    port, each chip GET answered after 100 ms: (its endpoint, its counter)."""
-    from moto.server import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import make_server
-
-    slow = _SlowGets(DomainDispatcherApplication(create_backend_app), delay=0.1)
-    port = free_port()
-    server = make_server("127.0.0.1", port, slow, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{port}", slow
-    server.shutdown()
+    """Chip GETs answered after 100 ms (`slow_s3_server`)."""
+    yield from slow_s3_server("GET", re.escape(CHIP_SUFFIX) + "$")
 
 
 def test_a_batch_of_chips_goes_out_at_once_not_ten_at_a_time(slow_s3, demo_batch):

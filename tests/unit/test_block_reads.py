@@ -169,3 +169,18 @@ def test_reader_processes_yield_the_cpu_to_the_run():
     [pid] = list(readers._pools[1]._processes)
     assert readers.READER_NICE > 0
     assert psutil.Process(pid).nice() == min(19, os.nice(0) + readers.READER_NICE)
+
+
+def test_writer_threads_from_the_environment(monkeypatch):
+    from anysat.errors import RequestError
+    from anysat.pipeline import WRITE_THREADS, write_threads
+
+    monkeypatch.delenv("ANYSAT_WRITE_THREADS", raising=False)
+    assert write_threads("/data/run") == WRITE_THREADS["local"]
+    assert write_threads("s3://bucket/run") == WRITE_THREADS["object store"] > WRITE_THREADS["local"]
+    monkeypatch.setenv("ANYSAT_WRITE_THREADS", "2")
+    assert write_threads("s3://bucket/run") == 2
+    for bad in ("0", "many", "-4"):
+        monkeypatch.setenv("ANYSAT_WRITE_THREADS", bad)
+        with pytest.raises(RequestError, match="ANYSAT_WRITE_THREADS"):
+            write_threads("s3://bucket/run")
