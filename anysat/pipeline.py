@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import threading
 import time
 from collections import Counter, deque
@@ -38,7 +37,7 @@ from .products.stac import write_stac
 from .redact import without_secrets
 from .products.vectors import layer_vectors
 from .products.zarr_layer import read_layer, read_preview_cells
-from .readers import BlockReaders, InTurn
+from .readers import BlockReaders, InTurn, count_from_env
 from .request import INT8_FROM_KM2, RegionRequest
 from .stac.search import no_items_message
 from .tiles import Tile
@@ -214,13 +213,9 @@ def overlaps_io(model: AnySat) -> bool:
 def write_threads(uri: str) -> int:
     """Threads writing tiles beside an accelerator: `ANYSAT_WRITE_THREADS`, by default
     `WRITE_THREADS` for the output's kind of store."""
-    value = os.environ.get("ANYSAT_WRITE_THREADS", "")
-    if not value:
-        return WRITE_THREADS["local" if storage.is_local(uri) else "object store"]
-    if not value.isdigit() or int(value) < 1:
-        raise RequestError(f"ANYSAT_WRITE_THREADS={value!r}: give a whole number of threads "
-                           "writing tiles, 1 or more")
-    return int(value)
+    return count_from_env("ANYSAT_WRITE_THREADS",
+                          WRITE_THREADS["local" if storage.is_local(uri) else "object store"],
+                          "threads writing tiles")
 
 
 def _writer(threads: int, overlap: bool) -> Executor:

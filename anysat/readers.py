@@ -44,16 +44,21 @@ _said_threads: list[bool] = []
 Loaded = list  # per tile of the square: (tile, batch, dates, seconds) or {"tile", "failed", ...}
 
 
+def count_from_env(name: str, default: int, what: str) -> int:
+    """The whole number (1 or more) of `what` in environment variable `name`, else `default`."""
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise RequestError(f"{name}={value!r}: give a whole number of {what}, 1 or more")
+    return int(value)
+
+
 def block_readers() -> int:
     """Squares read at once beside an accelerator: `ANYSAT_BLOCK_READERS`, by default one
     per 2 cores, up to 8 (a 16-core GPU host: 8; each reader holds about one square)."""
-    value = os.environ.get("ANYSAT_BLOCK_READERS", "")
-    if not value:
-        return max(1, min(8, (os.cpu_count() or 1) // 2))
-    if not value.isdigit() or int(value) < 1:
-        raise RequestError(f"ANYSAT_BLOCK_READERS={value!r}: give a whole number of blocks "
-                           "read at once, 1 or more")
-    return int(value)
+    return count_from_env("ANYSAT_BLOCK_READERS", max(1, min(8, (os.cpu_count() or 1) // 2)),
+                          "blocks read at once")
 
 
 def reader_pool() -> str:
@@ -160,13 +165,20 @@ READER_HEAP_KEEP = 2**30  # bytes: malloc's mmap and trim thresholds in a reader
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 
 
-def _keep_freed_memory() -> None:
+def _glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc (its allocator's knobs below), else None: another
+    allocator is left as it is."""
     try:
         libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def _keep_freed_memory() -> None:
+    if libc := _glibc():
         libc.mallopt(_M_MMAP_THRESHOLD, READER_HEAP_KEEP)
         libc.mallopt(_M_TRIM_THRESHOLD, READER_HEAP_KEEP)
-    except (OSError, AttributeError):  # not glibc: its allocator as it is
-        pass
 
 
 def _give_back_freed_memory() -> None:
@@ -174,10 +186,8 @@ def _give_back_freed_memory() -> None:
     top of the heap): before each square read in turn, so that the run's process, which
     also holds the model, does not grow square by square (2 cores, 256 tiles of 600 m in 4
     squares, 3 runs each: peak RSS 840-880 MB, 890-930 MB without)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if libc := _glibc():
+        libc.malloc_trim(0)
 
 
 def _exit_after(run_pid: int) -> None:
