@@ -37,7 +37,7 @@ from .products.stac import write_stac
 from .redact import without_secrets
 from .products.vectors import layer_vectors
 from .products.zarr_layer import read_layer, read_preview_cells
-from .readers import BlockReaders, InTurn, count_from_env
+from .readers import BlockReaders, InTurn, count_from_env, give_back_freed_memory
 from .request import INT8_FROM_KM2, RegionRequest
 from .stac.search import no_items_message
 from .tiles import Tile
@@ -264,8 +264,8 @@ def _launch(plan: RunPlan, model: AnySat, group: list[tuple[Tile, dict, dict, fl
     launched = []
     for keys, items in by_sensors.items():
         started = time.perf_counter()
-        # the tiles' pixels are not kept: in a square read in turn they are views of its
-        # block, which would stay in memory beside the next square's
+        # the tiles' pixels are not kept: in a square read in turn they hold its block
+        # (as stored), which would stay in memory beside the next square's
         kept = [(tile, dates, read_s) for tile, _, dates, read_s in items]
         if not keys:  # no sensor had items: nothing to embed
             launched.append(_Forward(kept, None, None, None, 0.0))
@@ -397,6 +397,7 @@ def finish_run(plan: RunPlan, results: list[dict] | TileTally, seconds: float,
                     "and in run.json)", without_data, done)
     layers = []
     for zone in plan.zones:
+        give_back_freed_memory()  # the stream's freed heap, before the preview's row bands
         started = time.perf_counter()
         width, height = maps.write_png(preview(plan.layer_uri(zone.epsg)),
                                        plan.preview_uri(zone.epsg))

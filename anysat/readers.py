@@ -23,7 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
-from .cube.batch import READ_THREADS, load_block_batches
+from .cube.batch import READ_THREADS, load_block_batches, tensor_shapes
 from .errors import BlockReaderError, RequestError, TileReadError
 from .plan import RunPlan, plan_for_worker
 from .redact import redact_logs
@@ -77,10 +77,13 @@ def reader_pool() -> str:
     return value
 
 
-def read_square(plan: RunPlan, tiles: list[Tile], square: tuple[Tile, Tile]) -> Loaded:
+def read_square(plan: RunPlan, tiles: list[Tile], square: tuple[Tile, Tile],
+                as_stored: bool = False) -> Loaded:
     """The tiles of one reading square (`RunPlan.reading_blocks`), read as one block from
     the plan's items: each tile's batch, dates and read seconds, or its failure (logged by
-    `BlockReaders.result`, in the run's process)."""
+    `BlockReaders.result`, in the run's process). `as_stored`: the batches keep their block
+    as stored until looked up (`cube.batch.BlockTileBatch`: a square read in turn with the
+    model); else they are made physical here, by the reader."""
     request = plan.request
     provider = request.provider()
     started = time.perf_counter()
@@ -88,6 +91,8 @@ def read_square(plan: RunPlan, tiles: list[Tile], square: tuple[Tile, Tile]) -> 
                                 tiles, area=square, naming=provider.naming,
                                 patch_url=url_signer(provider), time_bin=request.time_bin,
                                 backend=request.cube_backend, threads=READ_THREADS)
+    if not as_stored:
+        loaded = [r if isinstance(r, TileReadError) else (dict(r[0]), r[1]) for r in loaded]
     seconds = (time.perf_counter() - started) / len(tiles)
     out: Loaded = []
     for tile, result in zip(tiles, loaded):
@@ -100,7 +105,8 @@ def read_square(plan: RunPlan, tiles: list[Tile], square: tuple[Tile, Tile]) -> 
 
 def _read_in_process(request, plan_hash: str, plan_uri: str, tiles: list[Tile],
                      square: tuple[Tile, Tile]) -> tuple[torch.Tensor, Loaded]:
-    return _pack(read_square(plan_for_worker(request, plan_hash, plan_uri), tiles, square))
+    return _pack(read_square(plan_for_worker(request, plan_hash, plan_uri), tiles, square,
+                             as_stored=True))
 
 
 ALIGN = 64  # bytes: every tensor in a packed buffer starts aligned for any dtype
@@ -111,7 +117,9 @@ def _pack(loaded: Loaded) -> tuple[torch.Tensor, Loaded]:
     the run's process as one shared-memory segment. torch shares each tensor as its own
     (9 a tile: each a /dev/shm file and a descriptor passed over a socket, in turn). Squares
     of 16 tiles of 2 MB on 2 cores: 3.6 ms a tile of the run's process went to taking them
-    apart, 0.5 ms packed (at 28 km2/s a run takes a 600 m tile every 13 ms)."""
+    apart, 0.5 ms packed (at 28 km2/s a run takes a 600 m tile every 13 ms). Consumes
+    `loaded`: a tile read as stored is made physical as it is copied, then let go, so the
+    reader holds its square as stored and the buffer, not a float32 copy besides."""
     layout: Loaded = []
     size = 0
     for entry in loaded:
@@ -120,15 +128,16 @@ def _pack(loaded: Loaded) -> tuple[torch.Tensor, Loaded]:
             continue
         tile, batch, dates, seconds = entry
         where = {}
-        for key, value in batch.items():
-            where[key] = (size, tuple(value.shape), value.dtype)
-            size += -(-value.nbytes // ALIGN) * ALIGN
+        for key, (shape, dtype) in tensor_shapes(batch).items():
+            where[key] = (size, shape, dtype)
+            size += -(-torch.Size(shape).numel() * dtype.itemsize // ALIGN) * ALIGN
         layout.append((tile, where, dates, seconds))
     buffer = torch.empty(size, dtype=torch.uint8)
-    for entry, packed in zip(loaded, layout):
-        if not isinstance(entry, dict):
-            for key, value in entry[1].items():
+    for index, packed in enumerate(layout):
+        if not isinstance(packed, dict):
+            for key, value in loaded[index][1].items():
                 _view(buffer, *packed[1][key]).copy_(value)
+            loaded[index] = None
     return buffer, layout
 
 
@@ -181,7 +190,7 @@ def _keep_freed_memory() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, READER_HEAP_KEEP)
 
 
-def _give_back_freed_memory() -> None:
+def give_back_freed_memory() -> None:
     """Return the heap's free pages to the system (glibc keeps what it cannot trim from the
     top of the heap): before each square read in turn, so that the run's process, which
     also holds the model, does not grow square by square (2 cores, 256 tiles of 600 m in 4
@@ -288,9 +297,10 @@ class BlockReaders:
 
     def submit(self, tiles: list[Tile], square: tuple[Tile, Tile]) -> Future:
         if self.kind == "in turn":
-            _give_back_freed_memory()
+            give_back_freed_memory()
         if self.kind != "processes":
-            return self._executor.submit(read_square, self.plan, tiles, square)
+            return self._executor.submit(read_square, self.plan, tiles, square,
+                                         self.kind == "in turn")
         plan = self.plan
         try:
             return self._executor.submit(_read_in_process, plan.request, plan.hash, plan.uri,
