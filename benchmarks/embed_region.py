@@ -20,10 +20,14 @@ threads each, read_workers blocks at once in read_pool: reader processes or thre
 accelerator, one in turn with a CPU model; reader processes start before timing, like the model),
 peak_rss_mb, and for the products asked (`--products`, besides the preview, which is always
 made) the seconds per tile of each and `products_share`: their part of the end-to-end time.
+`--instant-forward` replaces the model's forward by zeros and runs the stream as beside an
+accelerator (reader processes, writer threads), on any machine: the rate the host can feed a
+device (model_km2_per_s is then null).
 
     .venv/bin/python benchmarks/embed_region.py [--tiles 1 4 16 64] [--batch-sizes 1 4 16]
         [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--model demo|base|...]
         [--tile-size-m 600|2400] [--products cog,vectors,clusters] [--quantize int8]
+        [--instant-forward]
 """
 
 from __future__ import annotations
@@ -113,7 +117,8 @@ def region(tiles: int, tile_m: float = 600.0) -> dict:
 
 
 def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str, model: str,
-             products: tuple[str, ...] = (), quantize: str = "none", tile_m: float = 600.0) -> dict:
+             products: tuple[str, ...] = (), quantize: str = "none", tile_m: float = 600.0,
+             instant_forward: bool = False) -> dict:
     import torch
 
     from anysat.cli import DEMO_DATES
@@ -133,7 +138,10 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
                                       tiles_per_batch=max(batch_size, 16), products=products,
                                       quantize=quantize)
         net = get_model(request.model, request.sensors, request.device)  # loaded before timing
-        if overlaps_io(net) and reader_pool() == "processes":
+        if instant_forward:
+            use_instant_forward(net, tile_m)
+        overlap = instant_forward or overlaps_io(net)
+        if overlap and reader_pool() == "processes":
             start_readers(block_readers())
         started = time.perf_counter()
         manifest = run_region(request)
@@ -147,7 +155,7 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
         begun = time.perf_counter()
         samples = []  # the first FORWARD_TILES tiles' batches, for the forward alone; the
         # others are dropped as they land, so shared memory holds only the squares in flight
-        with BlockReaders(plan, overlaps_io(net)) as readers:  # as the run reads
+        with BlockReaders(plan, overlap) as readers:  # as the run reads
             futures = [readers.submit(*block) for block in blocks]
             for future in futures:
                 square = readers.result(future)
@@ -169,19 +177,37 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
     product_s = {k: sum(z["product_seconds"].get(k, 0) for z in manifest["layers"])
                  for k in ("preview", *products)}
     product_s["stac"] = manifest["stac_seconds"]
-    return {"case": f"demo_repeated_{tiles}_tiles{'' if tile_m == 600 else f'_of_{tile_m:g}m'}",
+    return {"case": f"demo_repeated_{tiles}_tiles{'' if tile_m == 600 else f'_of_{tile_m:g}m'}"
+                    f"{'_instant_forward' if instant_forward else ''}",
             "tiles": tiles, "tile_size_m": tile_m, "batch_size": batch_size,
             "device": device, "dtype": dtype, "model": model, "area_km2": area,
             "torch_threads": torch.get_num_threads(), "seconds": round(seconds, 2),
             "km2_per_s": round(area / seconds, 4),
             "embed_km2_per_s": round(area / manifest["embedding"]["seconds"], 4),
             **{f"stream_{k}": manifest["embedding"].get(k, 0) for k in ("reads_s", "model_s", "writes_s")},
-            "model_km2_per_s": round(len(samples) * tile_m ** 2 / 1e6 / forward, 4),
+            "model_km2_per_s": (None if instant_forward else
+                                round(len(samples) * tile_m ** 2 / 1e6 / forward, 4)),
             "read_km2_per_s": round(area / reads, 4), "read_threads": READ_THREADS,
             "read_workers": readers.workers, "read_pool": readers.kind,
             "peak_rss_mb": round(peak_rss_mb, 1), "quantize": quantize,
             **{f"{k}_s_per_tile": round(v / tiles, 4) for k, v in product_s.items()},
             "products_share": round(sum(product_s.values()) / seconds, 4)}
+
+
+def use_instant_forward(net, tile_m: float) -> None:
+    """Replace the model's forward by zeros of its output's shape, and run the stream as beside
+    an accelerator (reader processes or threads, writer threads): the rate the host's reads,
+    batching and writes can feed a device, which a GPU's forward must not wait on."""
+    import torch
+
+    from anysat import pipeline
+
+    def forward(self, batch, patch_size_m, output="patch", check_values=True):
+        side = round(tile_m / patch_size_m)
+        return torch.zeros(next(iter(batch.values())).shape[0], side, side, self.config.dim)
+
+    type(net).forward = forward
+    pipeline.overlaps_io = lambda model: True
 
 
 def main() -> None:
@@ -194,6 +220,9 @@ def main() -> None:
     parser.add_argument("--model", default="demo", help="demo (the shipped checkpoint) or a size")
     parser.add_argument("--products", default="", help="comma-separated: cog, vectors, clusters")
     parser.add_argument("--quantize", default="none", choices=["none", "int8"])
+    parser.add_argument("--instant-forward", action="store_true",
+                        help="the model's forward replaced by zeros, run as beside an accelerator: "
+                             "what the host's reads, batching and writes can feed")
     parser.add_argument("--tile-size-m", type=float, default=600.0,
                         help="tile side: a multiple of 30 m (600; 2400 as the continental deployment)")
     parser.add_argument("--one", nargs=2, metavar=("CATALOG", "TILES"), help=argparse.SUPPRESS)
@@ -203,7 +232,7 @@ def main() -> None:
         products = tuple(p for p in args.products.split(",") if p)
         print(json.dumps(run_case(catalog, int(tiles), args.batch_sizes[0], args.device,
                                   args.dtype, args.model, products, args.quantize,
-                                  args.tile_size_m)), flush=True)
+                                  args.tile_size_m, args.instant_forward)), flush=True)
         return
     if any(math.isqrt(n) ** 2 != n or n > 1024 for n in args.tiles):
         parser.error("--tiles must be square numbers up to 1024")
@@ -217,7 +246,8 @@ def main() -> None:
                                 "--batch-sizes", str(batch_size), "--device", args.device,
                                 "--dtype", args.dtype, "--model", args.model, "--products",
                                 args.products, "--quantize", args.quantize,
-                                "--tile-size-m", str(args.tile_size_m)], check=True)
+                                "--tile-size-m", str(args.tile_size_m),
+                                *(["--instant-forward"] if args.instant_forward else [])], check=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@
 #      forward, and 36 tiles of 2,400 m (207 km2, the continental deployment's size; 64
 #      tiles did not finish in 100 s) at 8 per forward: km2/s end to end, embedding alone
 #      (no plan, no preview) and where its stream waited, forward alone and reads alone
-#      (benchmarks/embed_region.py); then the base forward alone on 2,400 m tiles,
+#      (benchmarks/embed_region.py); then 256 of those tiles with the forward replaced by zeros
+#      (--instant-forward: what the host's reads, batching and writes can feed the GPU, at most
+#      45 s); then the base forward alone on 2,400 m tiles,
 #      profiled: its kernels, the attention's share, its FLOPs and the TFLOP/s achieved, and
 #      the attention with and without its key mask (model_forward.py --profile --flops --attention);
 #   2. a training step's host and device time, tiny and base, batch 64, 256 and 1024
@@ -46,12 +48,12 @@ if [ -z "${PY:-}" ]; then  # the device machine: its python3, and the packages c
 fi
 if [ "$DEVICE" = cpu ]; then
     DTYPE=fp32; TRAIN="--models tiny --layouts 1x2 --batch-sizes 8 --workers 1 --steps 20"
-    EMBED="--tiles 4 --batch-sizes 4"; EMBED_WIDE="--tiles 1 --batch-sizes 1 --model demo"
+    EMBED="--tiles 4 --batch-sizes 4"; EMBED_CEILING="--tiles 4 --batch-sizes 4"; EMBED_WIDE="--tiles 1 --batch-sizes 1 --model demo"
     FWD_SIZE=tiny; FWD_CASES="600:1"; BASE="--model tiny --steps 20 --batch-size 8 --workers 1"
     PROFILE="--models tiny --batch-sizes 8 --steps 2"
 else
     DTYPE=bf16; TRAIN="--models tiny,base --layouts 1x4 --batch-sizes 64 256 1024 --workers 12 --steps 20"
-    EMBED="--tiles 1024 --batch-sizes 64"; EMBED_WIDE="--tiles 36 --batch-sizes 8 --model base"
+    EMBED="--tiles 1024 --batch-sizes 64"; EMBED_CEILING="--tiles 256 --batch-sizes 64"; EMBED_WIDE="--tiles 36 --batch-sizes 8 --model base"
     FWD_SIZE=base; FWD_CASES="2400:8"; BASE="--model base --steps 300 --batch-size 64 --workers 12"
     PROFILE="--models tiny,base --batch-sizes 64 256 1024 --steps 5"
 fi
@@ -79,6 +81,10 @@ if [ "$DEVICE" != cpu ] && ! grep -q '"case"' "$OUT/embed_region.jsonl"; then
     timeout 60 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE --model base \
         --tiles 256 --batch-sizes 64 2>&1 | grep -v WARNING | tee -a "$OUT/embed_region.jsonl"
 fi
+step "the host's ceiling: 600 m tiles ($EMBED_CEILING), the forward replaced by zeros"
+# shellcheck disable=SC2086
+timeout 45 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE --model base \
+    $EMBED_CEILING --instant-forward 2>&1 | grep -v WARNING | tee -a "$OUT/embed_region.jsonl"
 step "embed-region throughput, 2,400 m tiles ($EMBED_WIDE), the default readers"
 # shellcheck disable=SC2086
 timeout 130 $PY benchmarks/embed_region.py --device "$DEVICE" --dtype $DTYPE \
