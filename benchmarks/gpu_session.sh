@@ -23,14 +23,14 @@
 #   4. a short base pretraining on the shipped checkpoint's data and its probe table.
 # Each step has its own time limit, and writes what it measured under $OUT as it goes, so a
 # step cut short still leaves the others' lines.
-# PART=1: steps 0 and 1 (about 4-6 min: give it timeout_s 360); PART=2: steps 2-4 (about
+# PART=1: steps 0 and 1 (about 4.5-6.5 min: give it timeout_s 400); PART=2: steps 2-4 (about
 # 6.5 min: timeout_s 400), for a session with 15 minutes of device time (the machine starts in
 # about 35 s and goes after 30 s idle: start PART=2 at once). PART=all (default) runs steps
 # 0, 1, 3 and 4 in one call, which no longer fits the tool's 600 s limit on an H100 (on
 # 2026-11-27 a 490 s call, before batch 1024 and the forward profile, ended in the evaluation).
 #
 #   here:  bash benchmarks/gpu_wheels.sh
-#   there: PART=1 OUT=$OUT bash benchmarks/gpu_session.sh   (run: carry [".whl"], timeout_s 360),
+#   there: PART=1 OUT=$OUT bash benchmarks/gpu_session.sh   (run: carry [".whl"], timeout_s 400),
 #          then at once PART=2 ... (timeout_s 400)
 #   QUICK=1: base only at batch 64, no pretraining, when device time is short
 #   dry run here on the CPU, small sizes (its 2,400 m tile with the demo model):  DEVICE=cpu PY=.venv/bin/python OUT=/tmp/out bash benchmarks/gpu_session.sh
