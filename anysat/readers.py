@@ -12,6 +12,7 @@ A square's batches come back through shared memory, packed into one buffer (`_pa
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import multiprocessing
 import os
@@ -174,6 +175,7 @@ READER_HEAP_KEEP = 2**30  # bytes: malloc's mmap and trim thresholds in a reader
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 
 
+@functools.cache  # looked up once: the heap is trimmed before every square read in turn
 def _glibc() -> ctypes.CDLL | None:
     """The C library where it is glibc (its allocator's knobs below), else None: another
     allocator is left as it is."""
