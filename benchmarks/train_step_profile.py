@@ -11,6 +11,11 @@ and top_device_kernels / top_host_ops (name, ms per step). A step whose device_b
 bound by the host (Python, kernel launches), not by the GPU.
 
     python benchmarks/train_step_profile.py --device cuda --models tiny,base --batch-sizes 64 256
+
+`--gpu-ops GB` counts, on any machine, the ops a step would launch on a GPU of that memory (its
+sync-free paths, bf16 autocast, its chunk sizes), forward and backward without the optimiser,
+on fake tensors (no memory, no arithmetic): keys model, batch_size, gpu_memory_gb,
+forward_ops, step_ops (ops that launch no kernel, such as views, included).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ class _OpCount(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
+        self.count += func is not torch.ops.prim.device.default  # fake tensors' device queries
         return func(*args, **(kwargs or {}))
 
 
@@ -105,6 +110,37 @@ def run_case(specs, sampler, model_size: str, batch_size: int, device: torch.dev
     return case
 
 
+def count_gpu_ops(specs, sampler, model_size: str, batch_size: int, memory_gb: float) -> dict:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from anysat.model import build_model, projectors
+    from anysat.model.layers import sync_free
+    from anysat.train import JEPA, MultiBlockMasks
+    from anysat.train.masks import context_validity
+    from anysat.train.trainer import forward_loss
+
+    chunk = min(projectors.ACCELERATOR_CHUNK_BYTES, int(memory_gb * 2**30) // 40)
+    projectors.accelerator_chunk_bytes = lambda device: chunk  # as on that GPU (see there)
+    few = sampler.sample(8)
+    batch = {k: v.repeat(-(-batch_size // 8), *[1] * (v.ndim - 1))[:batch_size] for k, v in few.items()}
+    generator = torch.Generator().manual_seed(0)
+    masks = MultiBlockMasks()(batch_size, 4, generator)
+    seen = context_validity(batch, {s.name: s.time_series for s in specs}, 0.7, 0.7, generator)
+    jepa = JEPA(build_model(model_size, specs, seed=0))
+    counter = _OpCount()
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake, sync_free():
+        item = {"batch": {k: fake.from_tensor(v) for k, v in batch.items()}, "patch_size_m": 30,
+                "masks": tuple(fake.from_tensor(m) for m in masks),
+                "context_valid": {k: fake.from_tensor(v) for k, v in seen.items()}}
+        with counter:
+            loss = forward_loss(jepa, item, torch.device("cpu"), True, False)["loss"]
+        forward = counter.count
+        with counter:
+            loss.backward()
+    return {"model": model_size, "batch_size": batch_size, "gpu_memory_gb": memory_gb,
+            "forward_ops": forward, "step_ops": counter.count}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,base")
@@ -112,12 +148,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--gpu-ops", type=float, metavar="GB",
+                        help="only count the ops a step launches on a GPU of this memory")
     args = parser.parse_args()
     device = torch.device(args.device)
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     specs, sampler = chips()
     for model_size in args.models.split(","):
         for batch_size in args.batch_sizes:
+            if args.gpu_ops:
+                print(json.dumps(count_gpu_ops(specs, sampler, model_size, batch_size, args.gpu_ops)),
+                      flush=True)
+                continue
             print(json.dumps(run_case(specs, sampler, model_size, batch_size, device, bf16,
                                       args.steps)), flush=True)
 

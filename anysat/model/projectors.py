@@ -19,9 +19,22 @@ from .layers import branch_on_values, mlp, sincos_1d
 DAYS_PER_YEAR = 365.2425
 DOY_PERIOD = 367.0  # the official encoder's day-of-year table length
 PIXELS_PER_CHUNK = 512  # pixel rows per temporal chunk on the CPU: activations stay in cache
-# on an accelerator, rows per chunk up to this many bytes of MLP output: few, large kernels
-# (512-row chunks made 113 chunks of ~15 kernels each per forward of 16 tiles of 600 m)
-ACCELERATOR_CHUNK_BYTES = 512 * 2**20
+# On an accelerator, without autograd (inference, the JEPA target), rows per chunk up to this
+# many bytes of MLP output, a 40th of a GPU's memory at most (a chunk's transients are about 3x
+# its output): few, large kernels. Each chunk is ~80 ops the host launches: 512-row chunks made
+# 113 chunks per forward of 16 tiles of 600 m, and 512 MB chunks took a base training step at
+# batch 1024 to 7,879 ops (4,177 at batch 64; now 4,699, `train_step_profile.py --gpu-ops`).
+# With autograd, one chunk: the backward keeps every chunk's activations anyway, so chunks
+# would bound no memory, only add launches.
+ACCELERATOR_CHUNK_BYTES = 2 * 2**30
+OTHER_ACCELERATOR_CHUNK_BYTES = 512 * 2**20  # where the device's memory is not known
+
+
+def accelerator_chunk_bytes(device: torch.device) -> int:
+    """Bytes of MLP output per temporal chunk without autograd on this accelerator."""
+    if device.type != "cuda":
+        return OTHER_ACCELERATOR_CHUNK_BYTES
+    return min(ACCELERATOR_CHUNK_BYTES, torch.cuda.get_device_properties(device).total_memory // 40)
 
 
 def day_of_year(dates_days: torch.Tensor) -> torch.Tensor:
@@ -77,10 +90,12 @@ class TemporalProjector(nn.Module):
         date_value = F.linear(date_code, self.out.weight)                               # [B, T, D]
         step = PIXELS_PER_CHUNK
         if not branch_on_values(z):
-            step = max(step, ACCELERATOR_CHUNK_BYTES // (t * 2 * d * 4))
+            step = (b * p if torch.is_grad_enabled() else
+                    max(step, accelerator_chunk_bytes(z.device) // (t * 2 * d * 4)))
         rows = [slice(i, i + step) for i in range(0, b * p, step)]
-        tokens = torch.cat([self._pool(z[r], keep[r], date_value[sample[r]], date_key[sample[r]],
-                                       w_key, b_key) for r in rows])
+        parts = [self._pool(z[r], keep[r], date_value[sample[r]], date_key[sample[r]], w_key, b_key)
+                 for r in rows]
+        tokens = parts[0] if len(parts) == 1 else torch.cat(parts)
         any_valid = keep.any(dim=1)
         tokens = self.norm(tokens) * any_valid[:, None]
         return tokens.view(b, p, d), any_valid.view(b, p)

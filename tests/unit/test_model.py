@@ -185,6 +185,50 @@ def test_the_accelerator_path_chunks_pixels_differently_with_the_same_tokens(mod
             torch.testing.assert_close(model(batch, 30, output=output), cpu, rtol=1e-5, atol=1e-5)
 
 
+def test_on_an_accelerator_a_training_forward_takes_its_pixels_in_one_chunk(batch, monkeypatch):
+    """Without autograd the accelerator path bounds a temporal chunk's bytes (shrunk here, so a
+    240 m crop makes two chunks); with autograd the backward keeps every chunk's activations
+    anyway, so it takes all pixels in one chunk (fewer kernels to launch), with the tokens and
+    gradients of the CPU's 512-pixel chunks."""
+    from anysat.model import projectors
+    from anysat.model.layers import sync_free
+
+    monkeypatch.setattr(projectors, "OTHER_ACCELERATOR_CHUNK_BYTES", 2**20)
+    chunks, pool = [], projectors.TemporalProjector._pool
+    monkeypatch.setattr(projectors.TemporalProjector, "_pool",
+                        lambda self, z, *args: chunks.append(len(z)) or pool(self, z, *args))
+    crop = {"sentinel-2-l2a": batch["sentinel-2-l2a"][..., :24, :24],
+            "sentinel-2-l2a_dates": batch["sentinel-2-l2a_dates"]}
+    model = build_model("tiny", SPECS, seed=0)
+
+    def forward_backward():
+        model.zero_grad(set_to_none=True)
+        out = model(crop, 30, "patch")
+        out.square().mean().backward()
+        return out.detach(), [p.grad for p in model.parameters() if p.grad is not None]
+
+    def taken():
+        try:
+            return chunks.copy()
+        finally:
+            chunks.clear()
+
+    cpu, cpu_grads = forward_backward()
+    cpu_chunks = taken()
+    with sync_free():
+        out, grads = forward_backward()
+        training_chunks = taken()
+        with torch.no_grad():
+            inference = model(crop, 30, "patch")
+        inference_chunks = taken()
+    assert cpu_chunks == [512, 64] and inference_chunks == [512, 64] and training_chunks == [576]
+    torch.testing.assert_close(out, cpu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inference, cpu, rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(cpu_grads) > 10
+    for a, b in zip(grads, cpu_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 @torch.inference_mode()
 def test_one_date_is_a_valid_time_series(model, batch):
     one = {k: v[:, 6:7] for k, v in only(batch, "sentinel-2-l2a").items()}
