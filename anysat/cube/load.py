@@ -337,15 +337,27 @@ class StoredPixels:
             out += offsets
             if spec.transform == "db":
                 invalid |= ~(out > 0)
-                np.log10(out, out=out, where=~invalid)
+                with np.errstate(invalid="ignore", divide="ignore"):  # those are NaN below
+                    np.log10(out, out=out)  # on every pixel: 2x faster than with `where=`
                 out *= np.float32(10)
-            out[invalid] = np.nan
+            _set_nan(out, invalid)
         return values
 
     def cube(self) -> xr.DataArray:
         """All of it, physical, as `load_cube` gives it."""
         return xr.DataArray(self.physical(), dims=("time", "band", "y", "x"),
                             coords={**self.coords, "band": self.spec.band_names})
+
+
+def _set_nan(values: np.ndarray, where: np.ndarray) -> None:
+    """`values[where] = np.nan` for float32 values, without a branch per pixel: a cloud
+    mask's ragged pattern made numpy's masked store 5x slower (36 dates of 60 x 60 pixels,
+    30 % rejected: 0.39 ms against 0.08), most of a reader's time making a square physical."""
+    bits = values.view(np.uint32)
+    hit = where.view(np.uint8).astype(np.uint32)
+    np.bitwise_and(bits, hit - np.uint32(1), out=bits)  # 0 where hit (1 - 1), else kept (0 - 1)
+    hit *= np.uint32(0x7FC00000)                          # float32 NaN: np.float32(np.nan)'s bits
+    np.bitwise_or(bits, hit, out=bits)
 
 
 def read_cube(cube: xr.DataArray) -> xr.DataArray:

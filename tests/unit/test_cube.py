@@ -86,3 +86,19 @@ def test_sentinel2_offset_follows_each_items_processing_baseline():
     after = read_cube(load_cube(marked, spec, geobox, naming="demo"))
     np.testing.assert_allclose(after.values[0], before.values[0] - 0.1, atol=1e-6)
     np.testing.assert_array_equal(after.values[1:], before.values[1:])
+
+
+def test_pixels_set_to_nan_without_a_branch_equal_a_masked_store():
+    """`_set_nan` (bit operations, for a reader's speed) gives the bits of `values[where] =
+    np.nan`, in a band's strided view of a (time, band, y, x) block too."""
+    from anysat.cube.load import _set_nan
+
+    rng = np.random.default_rng(0)
+    block = rng.normal(size=(5, 3, 40, 40)).astype(np.float32)
+    block[0, 1, 0, :6] = [0.0, -0.0, np.inf, -np.inf, -0.0, np.inf]
+    where = rng.random((5, 40, 40)) < 0.3
+    where[0, 0, :6] = [False] * 4 + [True] * 2
+    expected = block.copy()
+    expected[:, 1][where] = np.nan
+    _set_nan(block[:, 1], where)
+    assert block.tobytes() == expected.tobytes()
