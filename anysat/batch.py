@@ -7,6 +7,8 @@ ignores them), so the stacked batch is rectangular. (Cubes become batches in `cu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 Batch = dict[str, torch.Tensor]
@@ -19,6 +21,26 @@ def stack_samples(samples: list[Batch], pin_memory: bool = False) -> Batch:
     if any(s.keys() != keys for s in samples):
         raise ValueError("samples to stack must hold the same sensors")
     return {key: pad_stack(key, [s[key][0] for s in samples], pin_memory) for key in keys}
+
+
+def without_empty_dates(sample: Mapping[str, torch.Tensor]) -> Batch:
+    """A B = 1 batch without the dates on which a sensor has no valid pixel (a cloud over the
+    whole tile): they weigh nothing in the model's output (a time series pools over its valid
+    dates only, a single image takes each pixel's latest valid date), yet an accelerator
+    computes every pixel-date (it never waits to look at the mask). A sensor with no valid
+    pixel at all keeps its first date, so that it keeps its shape."""
+    out = dict(sample)
+    for name in [k for k in out if not k.endswith(("_dates", "_mask"))]:
+        mask = out.get(f"{name}_mask")
+        if mask is None:
+            continue
+        seen = mask[0].flatten(1).any(1)
+        if bool(seen.all()):
+            continue
+        keep = seen.nonzero().squeeze(1) if bool(seen.any()) else torch.zeros(1, dtype=torch.long)
+        for key in (name, f"{name}_dates", f"{name}_mask"):
+            out[key] = out[key].index_select(1, keep)
+    return out
 
 
 def pad_stack(key: str, tensors: list[torch.Tensor], pin_memory: bool = False) -> torch.Tensor:

@@ -22,10 +22,10 @@ PIXELS_PER_CHUNK = 512  # pixel rows per temporal chunk on the CPU: activations 
 # On an accelerator, without autograd (inference, the JEPA target), rows per chunk up to this
 # many bytes of MLP output, a 40th of a GPU's memory at most (a chunk's transients are about 3x
 # its output): few, large kernels. Each chunk is ~80 ops the host launches: 512-row chunks made
-# 113 chunks per forward of 16 tiles of 600 m, and 512 MB chunks took a base training step at
-# batch 1024 to 7,879 ops (4,177 at batch 64; now 4,699, `train_step_profile.py --gpu-ops`).
-# With autograd, one chunk: the backward keeps every chunk's activations anyway, so chunks
-# would bound no memory, only add launches.
+# 113 chunks per forward of 16 tiles of 600 m. With autograd, one chunk: the backward keeps
+# every chunk's activations anyway, so chunks would bound no memory, only add launches. A base
+# training step launched 4,177 ops at batch 64 and 7,879 at 1024 with 512 MB chunks; 4,015
+# and 4,699 now (`benchmarks/train_step_profile.py --gpu-ops 80`).
 ACCELERATOR_CHUNK_BYTES = 2 * 2**30
 OTHER_ACCELERATOR_CHUNK_BYTES = 512 * 2**20  # where the device's memory is not known
 

@@ -42,3 +42,40 @@ def test_read_errors_name_the_file_but_never_a_signing_token():
     except RuntimeError as exc:
         text = without_secrets(describe(exc))
     assert "B02.tif" in text and "403" in text and "SECRET" not in text and "sig=" not in text
+
+
+def test_dates_without_a_valid_pixel_are_left_out_with_the_same_embeddings():
+    """The demo's central tile has 2 of its 12 Sentinel-2 dates under cloud everywhere: a run
+    leaves them out of the forward (an accelerator computes every pixel-date, masked or not),
+    and the tile's embeddings stay the same, on the CPU's paths and the accelerator's."""
+    import datetime as dt
+
+    from anysat.batch import without_empty_dates
+    from anysat.cube.batch import load_tile_batch
+    from anysat.model.layers import sync_free
+    from anysat.stac import resolve_provider
+    from anysat.tiles import Tile
+    from tests.conftest import CENTRAL_TILE
+
+    specs = resolve_sensors(["s2", "s1", "dem"])
+    batch, _ = load_tile_batch(resolve_provider("demo"), specs, Tile(*CENTRAL_TILE),
+                               dt.date(2020, 11, 1), dt.date(2021, 10, 31))
+    batch = dict(batch)
+    kept = without_empty_dates(batch)
+    seen = batch["sentinel-2-l2a_mask"][0].flatten(1).any(1)
+    assert batch["sentinel-2-l2a"].shape[1] == 12 and int(seen.sum()) == 10
+    assert kept["sentinel-2-l2a"].shape[1] == kept["sentinel-2-l2a_dates"].shape[1] == 10
+    torch.testing.assert_close(kept["sentinel-2-l2a_dates"][0], batch["sentinel-2-l2a_dates"][0, seen])
+    torch.testing.assert_close(kept["sentinel-2-l2a"], batch["sentinel-2-l2a"][:, seen], equal_nan=True)
+    assert kept["sentinel-1"] is batch["sentinel-1"]  # every date has data: untouched
+    model = build_model("tiny", specs, seed=0)
+    with torch.inference_mode():
+        for output in ("tile", "patch", "dense"):
+            torch.testing.assert_close(model(kept, 30, output), model(batch, 30, output),
+                                       rtol=1e-5, atol=1e-5)
+            with sync_free():
+                torch.testing.assert_close(model(kept, 30, output), model(batch, 30, output),
+                                           rtol=1e-5, atol=1e-5)
+    # a sensor without any valid pixel keeps one date, so that it keeps its shape
+    cloudy = without_empty_dates({**batch, "sentinel-2-l2a_mask": torch.zeros_like(batch["sentinel-2-l2a_mask"])})
+    assert cloudy["sentinel-2-l2a"].shape == (1, 1, 9, 60, 60)
