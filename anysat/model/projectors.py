@@ -20,8 +20,8 @@ DAYS_PER_YEAR = 365.2425
 DOY_PERIOD = 367.0  # the official encoder's day-of-year table length
 PIXELS_PER_CHUNK = 512  # pixel rows per temporal chunk on the CPU: activations stay in cache
 # On an accelerator, without autograd (inference, the JEPA target), rows per chunk up to this
-# many bytes of MLP output, a 40th of a GPU's memory at most (a chunk's transients are about 3x
-# its output): few, large kernels. Each chunk is ~80 ops the host launches: 512-row chunks made
+# many bytes of MLP output, a 40th of a GPU's memory at most (a chunk's transients are about 4x
+# its output: base, fp32, 2.1 GB for a 512 MB chunk, 7.4 GB for 2 GB): few, large kernels. Each chunk is ~80 ops the host launches: 512-row chunks made
 # 113 chunks per forward of 16 tiles of 600 m. With autograd, one chunk: the backward keeps
 # every chunk's activations anyway, so chunks would bound no memory, only add launches. A base
 # training step launched 4,177 ops at batch 64 and 7,879 at 1024 with 512 MB chunks; 4,015
