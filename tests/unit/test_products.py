@@ -1,3 +1,5 @@
+import tracemalloc
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -39,6 +41,23 @@ def test_existing_layer_is_reused_only_on_the_same_grid(tmp_path):
         create_layer(uri, LayerGrid.covering(TILES, patch_size_m=30, dim=8), {})
     with pytest.raises(OutputNotWritableError, match="a layer of another run .plan none: written before"):
         create_layer(uri, grid, {"plan_hash": "abc"})
+
+
+def test_a_continental_zone_is_created_without_a_task_per_tile(tmp_path):
+    """A zone of 90,000 tiles of 2,400 m (720 x 720 km): metadata only, in memory that does
+    not grow with its tiles (a dask graph of a task per tile held 303 MB and took 30 s)."""
+    grid = LayerGrid(32631, 2400.0, 30.0, 1000, 9000, 300, 300, 768)
+    tracemalloc.start()
+    try:
+        create_layer(str(tmp_path / "layer.zarr"), grid, {"plan_hash": "x"}, preview_max_side=2048)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MB"
+    ds = read_layer(str(tmp_path / "layer.zarr"))
+    assert ds.embedding.shape == (24_000, 24_000, 768)
+    assert ds.embedding.encoding["chunks"] == (80, 80, 768)   # a chunk per tile
+    assert not any((tmp_path / "layer.zarr" / "embedding").rglob("c/*"))  # no chunk written
 
 
 def test_pca_preview_png_drawn_tile_by_tile(tmp_path):
