@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 Batch = dict[str, torch.Tensor]
@@ -34,10 +35,11 @@ def without_empty_dates(sample: Mapping[str, torch.Tensor]) -> Batch:
         mask = out.get(f"{name}_mask")
         if mask is None:
             continue
-        seen = mask[0].flatten(1).any(1)
-        if bool(seen.all()):
+        # numpy's any: torch's took 40-50 us a sensor of a 600 m tile, on the run's main thread
+        seen = mask[0].flatten(1).cpu().numpy().any(1)
+        if seen.all():
             continue
-        keep = seen.nonzero().squeeze(1) if bool(seen.any()) else torch.zeros(1, dtype=torch.long)
+        keep = torch.from_numpy(np.flatnonzero(seen) if seen.any() else np.zeros(1, np.int64))
         for key in (name, f"{name}_dates", f"{name}_mask"):
             out[key] = out[key].index_select(1, keep)
     return out
