@@ -55,9 +55,11 @@ def _sample(reads: list[Callable[[], np.ndarray]], dim: int, n: int, seed: int) 
     picked, total = [], 0
     for i in rng.permutation(len(reads)):
         values = reads[i]().reshape(-1, dim)
-        values = values[np.isfinite(values).all(axis=1)]
-        if len(values):
-            picked.append(values[rng.choice(len(values), min(per_read, len(values)), replace=False)])
+        # a patch without data is NaN whole: rows drawn by their first value, then checked
+        rows = np.flatnonzero(np.isfinite(values[:, 0]))
+        if len(rows):
+            chosen = values[rows[rng.choice(len(rows), min(per_read, len(rows)), replace=False)]]
+            picked.append(chosen[np.isfinite(chosen).all(axis=1)])
             total += len(picked[-1])
         if total >= n:
             break
@@ -85,7 +87,9 @@ def _coloured(cells: np.ndarray, colour: Callable[[np.ndarray], np.ndarray]) -> 
     flat = cells.reshape(-1, cells.shape[-1])
     ok = np.isfinite(flat).all(axis=1)
     rgba = np.zeros((len(flat), 4), dtype=np.uint8)
-    if ok.any():
+    if ok.all():
+        rgba[:] = colour(flat)
+    elif ok.any():
         rgba[ok] = colour(flat[ok])
     return rgba.reshape(*cells.shape[:2], 4)
 
@@ -137,9 +141,10 @@ def pca_colour(sample: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     comps = x @ top
     lo, hi = np.percentile(comps, [2, 98], axis=0)
     span = np.where(hi > lo, hi - lo, 1)
+    shift = mean @ top + lo  # projected, then shifted: no copy of the values minus their mean
 
     def colour(values: np.ndarray) -> np.ndarray:
-        scaled = np.clip(((values - mean) @ top - lo) / span, 0, 1)
+        scaled = np.clip((values @ top - shift) / span, 0, 1)
         rgb = (scaled * 255).round().astype(np.uint8)
         return np.concatenate([rgb, np.full((len(values), 1), 255, np.uint8)], axis=1)
 
