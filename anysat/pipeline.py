@@ -347,17 +347,23 @@ def tile_batches(plan: RunPlan, size: int | None = None) -> list[list[str]]:
 
 @dataclass
 class TileTally:
-    """What the manifest needs of the tiles' results, summed per zone (EPSG code): a
-    continental run adds its blocks' results one by one and never holds a record per tile
-    (1.6 M of them for Europe at 2,560 m)."""
+    """What the manifest and the progress lines need of the tiles' results, summed (per zone
+    by EPSG code): a run adds its results as they come and never holds a record per tile
+    (1.6 M of them for Europe at 2,560 m, each with its dates)."""
 
     done: Counter = field(default_factory=Counter)         # tiles embedded
     with_data: Counter = field(default_factory=Counter)    # of which with a valid patch
     patches: Counter = field(default_factory=Counter)      # valid patches
     failed: list[dict] = field(default_factory=list)
+    ended: int = 0               # tiles with a result: done, skipped as done before, or failed
+    area_km2: float = 0.0        # their area
+    embedded: int = 0            # tiles embedded by this run (not skipped)
+    embedded_km2: float = 0.0
 
     def add(self, results: list[dict]) -> TileTally:
         for r in results:
+            self.ended += 1
+            self.area_km2 += r.get("area_km2", 0.0)
             if "failed" in r:
                 self.failed.append(r)
                 continue
@@ -365,15 +371,22 @@ class TileTally:
             self.done[epsg] += 1
             self.with_data[epsg] += bool(r["valid_patches"])
             self.patches[epsg] += int(r["valid_patches"])
+            if not r.get("skipped"):
+                self.embedded += 1
+                self.embedded_km2 += r["area_km2"]
         return self
 
+    def progress(self, plan: RunPlan) -> str:
+        return (f"{self.ended}/{len(plan.tiles)} tiles"
+                f"{f' ({len(self.failed)} failed)' if self.failed else ''}, "
+                f"{self.area_km2:.2f}/{plan.area_km2:.2f} km2")
 
-def finish_run(plan: RunPlan, results: list[dict] | TileTally, seconds: float,
+
+def finish_run(plan: RunPlan, tally: TileTally, seconds: float,
                embedding: dict | None = None) -> dict:
     """Write each zone's preview and products, their STAC, then the manifest: its presence
     means the run is complete. `seconds`: the run's so far; `embedding` (`embedded`): how
     long the tiles' reads, forwards and writes took, and what the stream waited on."""
-    tally = results if isinstance(results, TileTally) else TileTally().add(results)
     total = len(plan.tiles)
     if tally.failed:
         others = total - len(tally.failed)
@@ -513,32 +526,25 @@ def run_region(request: RegionRequest) -> dict:
     started = time.perf_counter()
     with lease.hold(request.output_uri, "anysat embed"):
         plan = plan_run(request)
-        results: list[dict] = []
-        area = 0.0
-        failed = 0
+        tally = TileTally()
         embedding = time.perf_counter()
         waits: Counter = Counter()
         for result in embed_stream(plan, plan.in_reading_order(plan.tile_ids), waits):
-            results.append(result)
-            area += result["area_km2"]
-            failed += "failed" in result
-            if len(results) % PROGRESS_TILES == 0 or len(results) == len(plan.tiles):
-                log.info("progress: %d/%d tiles%s, %.2f/%.2f km2", len(results),
-                         len(plan.tiles), f" ({failed} failed)" if failed else "", area,
-                         plan.area_km2)
-        return finish_run(plan, results, time.perf_counter() - started,
-                          embedded(results, time.perf_counter() - embedding, waits))
+            tally.add([result])
+            if tally.ended % PROGRESS_TILES == 0 or tally.ended == len(plan.tiles):
+                log.info("progress: %s", tally.progress(plan))
+        return finish_run(plan, tally, time.perf_counter() - started,
+                          embedded(tally, time.perf_counter() - embedding, waits))
 
 
-def embedded(results: list[dict], seconds: float, waits: Counter | None = None) -> dict:
+def embedded(tally: TileTally, seconds: float, waits: Counter | None = None) -> dict:
     """The embedding's part of a run, logged and for its manifest: the tiles embedded now
     (skipped ones left out), their km2/s, and the stream's `waits` (`embed_stream`)."""
-    now = [r for r in results if not r.get("skipped") and "failed" not in r]
-    km2 = sum(r["area_km2"] for r in now)
-    out = {"tiles": len(now), "area_km2": round(km2, 4), "seconds": round(seconds, 2),
+    km2 = tally.embedded_km2
+    out = {"tiles": tally.embedded, "area_km2": round(km2, 4), "seconds": round(seconds, 2),
            "km2_per_s": round(km2 / max(seconds, 1e-9), 4),
            **{k: round(v, 2) for k, v in (waits or {}).items()}}
-    log.info("embedded %d tiles, %.2f km2, in %.1f s: %.2f km2/s%s", len(now), km2, seconds,
+    log.info("embedded %d tiles, %.2f km2, in %.1f s: %.2f km2/s%s", tally.embedded, km2, seconds,
              out["km2_per_s"], "; the stream spent " + ", ".join(
                  f"{v:.1f} s on {k.removesuffix('_s')}" for k, v in waits.items()) if waits else "")
     return out

@@ -70,13 +70,12 @@ def embed_region(request: RegionRequest) -> dict:
         batches = pipeline.tile_batches(plan)
         embedding = time.perf_counter()
         futures = embed_batch.map(unmapped(request), unmapped(plan.hash), batches)
-        results: list[dict] = []
+        tally = pipeline.TileTally()
         for future in as_completed(futures):
-            results.extend(future.result())
-            logger.info("progress: %d/%d tiles, %.2f/%.2f km2", len(results), len(plan.tiles),
-                        sum(r["area_km2"] for r in results), plan.area_km2)
-        manifest = finish_run(plan, results, time.perf_counter() - started,
-                              pipeline.embedded(results, time.perf_counter() - embedding))
+            tally.add(future.result())
+            logger.info("progress: %s", tally.progress(plan))
+        manifest = finish_run(plan, tally, time.perf_counter() - started,
+                              pipeline.embedded(tally, time.perf_counter() - embedding))
     create_markdown_artifact(
         key="embed-region-summary",
         markdown=(
