@@ -361,9 +361,10 @@ class TileTally:
     embedded_km2: float = 0.0
 
     def add(self, results: list[dict]) -> TileTally:
-        for r in results:
+        for r in results:  # a continental block's summary has only tiles and patch counts
+            area = r.get("area_km2", 0.0)
             self.ended += 1
-            self.area_km2 += r.get("area_km2", 0.0)
+            self.area_km2 += area
             if "failed" in r:
                 self.failed.append(r)
                 continue
@@ -373,7 +374,7 @@ class TileTally:
             self.patches[epsg] += int(r["valid_patches"])
             if not r.get("skipped"):
                 self.embedded += 1
-                self.embedded_km2 += r["area_km2"]
+                self.embedded_km2 += area
         return self
 
     def progress(self, plan: RunPlan) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "anysat")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -30,6 +31,9 @@ from anysat.plan import RunPlan, plan_for_worker  # noqa: E402
 from anysat.request import RegionRequest  # noqa: E402
 
 POLL_S = 5.0
+# blocks whose records (or summaries) are fetched in one call: Europe at 2,560 m is some
+# 6,000 blocks, a round trip each in turn was minutes before the first run started
+LOOKUP_BLOCKS = 512
 
 
 @flow(name="embed-tiles", validate_parameters=True)
@@ -79,21 +83,46 @@ def _summary_uri(plan: RunPlan, block: str) -> str:
     return storage.join(plan.uri, "blocks", f"{block}.tiles.json")
 
 
-def _block_results(plan: RunPlan, block: str, ids: list[str]) -> list[dict]:
-    """The block's tiles' patch counts: its run's summary, or (a run that died before
+def _in_groups(blocks: dict[str, list[str]]) -> Iterator[dict[str, list[str]]]:
+    """The blocks, LOOKUP_BLOCKS at a time: each group's objects are fetched in one call."""
+    names = list(blocks)
+    for i in range(0, len(names), LOOKUP_BLOCKS):
+        yield {name: blocks[name] for name in names[i:i + LOOKUP_BLOCKS]}
+
+
+def _block_results(plan: RunPlan, blocks: dict[str, list[str]]) -> Iterator[list[dict]]:
+    """Each block's tiles' patch counts: its run's summary, or (a run that died before
     writing it, its tiles all done) the tiles' own markers."""
-    summary = storage.read_json(_summary_uri(plan, block))
-    if summary is not None:
-        return summary
-    return [json.loads(storage.read_bytes(plan.marker_uri(t))) for t in ids]
+    for group in _in_groups(blocks):
+        summaries = storage.read_many([_summary_uri(plan, block) for block in group])
+        for (block, ids), summary in zip(group.items(), summaries):
+            if summary is not None:
+                yield json.loads(summary)
+                continue
+            markers = storage.read_many([plan.marker_uri(t) for t in ids])
+            missing = [t for t, m in zip(ids, markers) if m is None]
+            if missing:
+                raise FileNotFoundError(f"block {block}: no done-marker for tile(s) {missing[:3]}")
+            yield [json.loads(m) for m in markers]
 
 
 def _record_uri(plan: RunPlan, block: str) -> str:
     return storage.join(plan.uri, "blocks", f"{block}.json")
 
 
-def _read_record(plan: RunPlan, block: str) -> dict:
-    return storage.read_json(_record_uri(plan, block)) or {}
+def _read_records(plan: RunPlan, group: dict[str, list[str]]) -> dict[str, dict]:
+    """Each block's record ({} if none), fetched in one call."""
+    raws = storage.read_many([_record_uri(plan, block) for block in group])
+    return {block: {} if raw is None else json.loads(raw) for block, raw in zip(group, raws)}
+
+
+def _all_tiles_done(plan: RunPlan, group: dict[str, list[str]]) -> list[str]:
+    """The blocks of `group` whose tiles all have their done-markers (runs that ended
+    unrecorded): their first tiles' markers in one call, then the other tiles' of those
+    that have one (a block never run costs one lookup, not one a tile)."""
+    firsts = storage.read_many([plan.marker_uri(ids[0]) for ids in group.values()])
+    return [block for block, first in zip(group, firsts) if first is not None and
+            all(m is not None for m in storage.read_many([plan.marker_uri(t) for t in group[block]]))]
 
 
 def _write_record(plan: RunPlan, block: str, record: dict) -> None:
@@ -117,13 +146,14 @@ def continental(request: RegionRequest, deployment: str = "embed-tiles/block",
         plan = pipeline.plan_run(request)
         blocks = _blocks(plan)
         done, attempts = set(), {}  # a block's next attempt: a failed run's blocks get a new key
-        for block, ids in blocks.items():
-            record = _read_record(plan, block)
-            attempts[block] = record.get("attempt", 0) + (record.get("status") == "failed")
-            if record.get("status") == "done":
-                done.add(block)
-            elif all(storage.exists(plan.marker_uri(t)) for t in ids):  # run ended unrecorded
-                _write_record(plan, block, {**record, "status": "done"})
+        for group in _in_groups(blocks):
+            records = _read_records(plan, group)
+            for block, record in records.items():
+                attempts[block] = record.get("attempt", 0) + (record.get("status") == "failed")
+                if record.get("status") == "done":
+                    done.add(block)
+            for block in _all_tiles_done(plan, {b: ids for b, ids in group.items() if b not in done}):
+                _write_record(plan, block, {**records[block], "status": "done"})
                 done.add(block)
         names = list(blocks)  # runs fixed by the plan and blocks_per_run (idempotency keys)
         runs = [names[i:i + blocks_per_run] for i in range(0, len(names), blocks_per_run)]
@@ -137,8 +167,8 @@ def continental(request: RegionRequest, deployment: str = "embed-tiles/block",
                 f"{len(failures)} of {len(todo)} runs failed ({'; '.join(failures[:5])}); "
                 "rerun the flow to retry only their blocks")
         tally = pipeline.TileTally()
-        for block, ids in blocks.items():   # block by block: never a record per tile in memory
-            tally.add(_block_results(plan, block, ids))
+        for results in _block_results(plan, blocks):  # never a record per tile in memory
+            tally.add(results)
         return pipeline.finish_run(plan, tally, time.perf_counter() - started)
 
 
