@@ -245,7 +245,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 def run_plan(args: argparse.Namespace) -> None:
     if args.estimate:
         return estimate_plan(args)
-    from . import lease
+    from . import lease, storage
     from .pipeline import plan_run
 
     request = request_from_args(args)
@@ -258,7 +258,7 @@ def run_plan(args: argparse.Namespace) -> None:
         "tiles_without_items": int((tiles["status"] == "no-items").sum()),
         "zones": [{"epsg": z.epsg, "tiles": z.tiles, "area_km2": round(z.area_km2, 4)}
                   for z in plan.zones],
-        "items": {s: len({i for ids in tiles[f"items.{s}"] for i in ids}) for s in plan.sensors},
+        "items": json.loads(storage.read_bytes(plan.plan_uri))["items"],
     }, indent=2))
 
 

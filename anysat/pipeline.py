@@ -79,7 +79,7 @@ def plan_run(request: RegionRequest, create_layers: bool = True) -> RunPlan:
         log.info("region of %.0f km2 (over %.0f): layers stored as int8 with a per-pixel scale "
                  "(--quantize none keeps float32)", request.area_km2, INT8_FROM_KM2)
     for spec in specs:
-        with_items = int((plan.tiles[f"items.{spec.name}"].map(len) > 0).sum())
+        with_items = int((plan.tiles[f"n_items.{spec.name}"] > 0).sum())
         if not with_items:
             raise NoItemsError(no_items_message(provider, spec, request.search_region,
                                                 request.start, request.end, request.max_cloud))

@@ -4,10 +4,13 @@
   sensors, sizes, catalog, model and its weights' sha256...) and its hash, the zones with
   their layer grids. Written last, so its presence means the plan is complete.
 - `plan/tiles.parquet` (GeoParquet): one row per tile: id, zone (EPSG), grid column and row,
-  footprint in lon/lat, block, the ids of its items per sensor, and `status` (`pending`, or
-  `no-items` where no sensor has an item).
+  footprint in lon/lat, block, how many items it has per sensor, and `status` (`pending`, or
+  `no-items` where no sensor has an item). Fixed-width rows: every worker reads the table
+  whole (a continent's 1.6 M tiles), so a tile's item ids are not in it.
 - `plan/items/<block>.json`: the STAC items one search of a block of tiles found (hrefs
-  absolute and unsigned: signing happens at read time, so no token is stored).
+  absolute and unsigned: signing happens at read time, so no token is stored), and under
+  `tiles` each of the block's tiles' items per sensor, as positions in `features`: a worker
+  reads the blocks it embeds.
 
 Embedding reads the items from the plan, never searching again, so a resumed tile sees
 the catalog as the plan did. A rerun into the same output with another request is refused,
@@ -44,7 +47,7 @@ from .tiles import Tile, ZoneTiles, plan_zones, square_groups, square_order
 
 log = logging.getLogger("anysat")
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: item ids per tile moved from the tile table to the block files
 MAX_TILES = 5_000_000  # tiles one plan holds (its table is read whole by each worker)
 WARN_TILES = 100_000
 BLOCK_TILES = 16  # a block is up to 16 x 16 tiles of one zone's grid, searched once
@@ -170,17 +173,19 @@ class RunPlan:
     def items(self, tile_id: str) -> dict[str, list[pystac.Item]]:
         """The items of each sensor over the tile (sensors without any are left out), in the
         order the search gave them (by date)."""
-        row = self.tiles.loc[tile_id]
-        block = _block_items(self.uri, self.hash, row["block"])
-        return {s: [block[i] for i in row[f"items.{s}"]] for s in self.sensors
-                if len(row[f"items.{s}"])}
+        items, tiles = _block_items(self.uri, self.hash, self.tiles.at[tile_id, "block"])
+        return {s: [items[i] for i in positions] for s, positions in tiles[tile_id].items()
+                if positions}
 
 
 @lru_cache(maxsize=64)
-def _block_items(uri: str, plan_hash: str, block: str) -> dict[str, pystac.Item]:
+def _block_items(uri: str, plan_hash: str, block: str
+                 ) -> tuple[list[pystac.Item], dict[str, dict[str, list[int]]]]:
+    """A block's items, and each of its tiles' per sensor (positions in the items)."""
     # keyed by the plan's hash too: a long-lived worker may see an output planned anew
     raw = json.loads(storage.read_bytes(_items_uri(uri, block)))
-    return {f["id"]: pystac.Item.from_dict(f, preserve_dict=False) for f in raw["features"]}
+    return ([pystac.Item.from_dict(f, preserve_dict=False) for f in raw["features"]],
+            raw["tiles"])
 
 
 def _items_uri(uri: str, block: str) -> str:
@@ -226,39 +231,45 @@ def _zone_blocks(zone: ZoneTiles) -> np.ndarray:
                                                               zone.rows // BLOCK_TILES)])
 
 
-def _plan_zone(uri: str, request: RegionRequest, specs: list[ModalitySpec], zone: ZoneTiles
-               ) -> pa.Table:
+def _plan_zone(uri: str, request: RegionRequest, specs: list[ModalitySpec], zone: ZoneTiles,
+               found_ids: dict[str, set[str]]) -> pa.Table:
     """Search each block of the zone once, assign items to tiles by footprint, write each
-    block's items; the zone's rows of the tile table."""
+    block's items and its tiles' share of them; the zone's rows of the tile table (their
+    item counts). `found_ids` gathers each sensor's distinct item ids."""
     footprints = tile_footprints(zone)
     blocks = _zone_blocks(zone)
-    items_per_tile = {s.name: [[] for _ in range(len(zone))] for s in specs}
+    ids = np.array([f"{zone.epsg}_{zone.size_m:g}m_{c}_{r}" for c, r in zip(zone.cols, zone.rows)])
+    counts = {s.name: np.zeros(len(zone), dtype="int32") for s in specs}
     for block in dict.fromkeys(blocks):
         members = np.flatnonzero(blocks == block)
         found = _search_block(request, specs, footprints[members])
         tree = shapely.STRtree(footprints[members])
-        kept: dict[str, dict] = {}
+        kept: dict[str, int] = {}   # item id -> its position in the block's features
+        features: list[dict] = []
+        tiles: dict[str, dict[str, list[int]]] = {tile: {} for tile in ids[members]}
         for sensor, items in found.items():
             geoms = np.array([shape(i.geometry) for i in items], dtype=object)
             if not len(geoms):
                 continue
             item_idx, tile_idx = tree.query(geoms, predicate="intersects")
             for i, t in sorted(zip(item_idx, tile_idx)):  # the search's (date) order per tile
-                items_per_tile[sensor][members[t]].append(items[i].id)
-                kept.setdefault(items[i].id, items[i])
-        collection = {"type": "FeatureCollection", "features": [plain_item(i) for i in kept.values()]}
+                if items[i].id not in kept:
+                    kept[items[i].id] = len(features)
+                    features.append(plain_item(items[i]))
+                tiles[ids[members[t]]].setdefault(sensor, []).append(kept[items[i].id])
+                counts[sensor][members[t]] += 1
+            found_ids[sensor].update(items[i].id for i in set(item_idx.tolist()))
+        collection = {"type": "FeatureCollection", "features": features, "tiles": tiles}
         storage.write_bytes_atomic(_items_uri(uri, block), json.dumps(collection).encode())
         log.info("block %s: %d tiles, %s", block, len(members),
                  ", ".join(f"{len(v)} {k} items" for k, v in found.items()))
-    has_items = np.zeros(len(zone), dtype=bool)
-    for lists in items_per_tile.values():
-        has_items |= np.array([bool(x) for x in lists])
+    has_items = np.logical_or.reduce([c > 0 for c in counts.values()])
     columns = {
-        "id": [f"{zone.epsg}_{zone.size_m:g}m_{c}_{r}" for c, r in zip(zone.cols, zone.rows)],
+        "id": ids,
         "epsg": np.full(len(zone), zone.epsg, dtype="int32"),
         "col": zone.cols.astype("int64"), "row": zone.rows.astype("int64"),
         "block": blocks, "status": np.where(has_items, "pending", "no-items"),
-        **{f"items.{s}": pa.array(v, type=pa.list_(pa.string())) for s, v in items_per_tile.items()},
+        **{f"n_items.{s}": c for s, c in counts.items()},
     }
     return geoparquet.with_geometry(columns, footprints)
 
@@ -277,7 +288,7 @@ def tile_read_bytes(table: pa.Table, specs: list[ModalitySpec], tile_size_m: flo
     mask, a plane per item over the tile (items of one day are mosaicked: fewer)."""
     total = 0.0
     for spec in specs:
-        items = pc.max(pc.list_value_length(table.column(f"items.{spec.name}"))).as_py() or 0
+        items = pc.max(table.column(f"n_items.{spec.name}")).as_py() or 0
         planes = items * (len(spec.bands) + (1 if spec.cloud_mask else 0))
         total += planes * (tile_size_m / spec.gsd_m) ** 2 * 4
     return int(total)
@@ -295,7 +306,9 @@ def read_plan(uri: str, request: RegionRequest | None = None) -> RunPlan | None:
     if saved.get("version") != PLAN_VERSION:
         raise PlanMismatchError(f"{plan_uri} is a plan of version {saved.get('version')}, this "
                                 f"anysat writes version {PLAN_VERSION}; use another output")
-    tiles = geoparquet.read(_tiles_uri(uri)).drop(["geometry"]).to_pandas().set_index("id")
+    columns = ["id", "epsg", "col", "row", "block", "status",
+               *(f"n_items.{s}" for s in saved["fingerprint"]["sensors"])]  # not the footprints
+    tiles = geoparquet.read(_tiles_uri(uri), columns).to_pandas().set_index("id")
     zones = tuple(ZonePlan(z["epsg"], LayerGrid(**z["grid"]), z["tiles"]) for z in saved["zones"])
     fields = saved["fingerprint"]
     if request is None:
@@ -372,10 +385,11 @@ def make_plan(request: RegionRequest, model_sha256: str, dim: int, *, uri: str |
     if not zones:
         raise RequestError("the region covers no tile of the grid")
     tables, zone_plans = [], []
+    found_ids: dict[str, set[str]] = {s.name: set() for s in specs}
     for zone in zones:
         log.info("zone EPSG:%d: %d tiles of %g m (%.2f km2), %d searches", zone.epsg, len(zone),
                  zone.size_m, zone.area_km2, len(set(_zone_blocks(zone))))
-        tables.append(_plan_zone(uri, request, specs, zone))
+        tables.append(_plan_zone(uri, request, specs, zone, found_ids))
         grid = LayerGrid(zone.epsg, zone.size_m, request.patch_size_m, int(zone.cols.min()),
                          int(zone.rows.max()), int(np.ptp(zone.cols)) + 1,
                          int(np.ptp(zone.rows)) + 1, dim, request.layer_dtype)
@@ -389,6 +403,7 @@ def make_plan(request: RegionRequest, model_sha256: str, dim: int, *, uri: str |
         "zones": [{"epsg": z.epsg, "tiles": z.tiles, "area_km2": round(z.area_km2, 4),
                    "grid": asdict(z.grid)} for z in zone_plans],
         "tiles": "plan/tiles.parquet", "blocks": len(set(table.column("block").to_pylist())),
+        "items": {sensor: len(found) for sensor, found in found_ids.items()},
         "read_side": read_side(tile_read_bytes(table, specs, request.tile_size_m), max_read_side),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -8,13 +8,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import shapely
 import xarray as xr
 from shapely.geometry import box
 
-from anysat.plan import make_plan, read_plan, read_side, tile_footprints
+from anysat.plan import PlanMismatchError, make_plan, read_plan, read_side, tile_footprints
 from anysat.request import RegionRequest
 from anysat.stac import resolve_provider, search_sensors
 from anysat.tiles import ZoneTiles
@@ -46,6 +47,11 @@ def test_plan_is_written_read_back_and_holds_each_tiles_items(tmp_path):
     assert all(f.intersects(region) and f.area > 0 for f in footprints)
     ids = table.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == printed["tiles"]
+    # fixed-width rows, read whole by every worker: item counts, not item ids (a year of S2
+    # and S1 is some 200 ids a tile: 1.7 GB a worker for 100,000 tiles as lists)
+    assert not [f.name for f in table.schema if pa.types.is_list(f.type) or f.name.startswith("items")]
+    counts = {s: table.column(f"n_items.{s}").to_numpy() for s in printed["items"]}
+    assert all(c.sum() >= printed["items"][s] > 0 for s, c in counts.items())
 
     plan = read_plan(str(out))
     assert plan.hash == printed["hash"] and plan.tile_ids == ids
@@ -61,6 +67,8 @@ def test_plan_is_written_read_back_and_holds_each_tiles_items(tmp_path):
             {s: [i.id for i in v] for s, v in alone.items() if v}
         assert all(a.get_absolute_href().startswith("/") for v in planned.values()
                    for i in v for a in i.assets.values())
+        assert {s: len(v) for s, v in planned.items()} == \
+            {s: int(c[ids.index(tile_id)]) for s, c in counts.items() if c[ids.index(tile_id)]}
 
     # how tiles are grouped into reads is the plan's (300 m tiles: squares of 8 x 8); a plan
     # saved before it was recorded reads as it did then (4 x 4), whatever READ_SIDE is now
@@ -75,6 +83,10 @@ def test_plan_is_written_read_back_and_holds_each_tiles_items(tmp_path):
     del saved["read_side"]
     (out / "plan.json").write_text(json.dumps(saved))
     assert read_plan(str(out)).read_side == 4
+    # a plan of the version before (item ids in the tile table) is refused, not misread
+    (out / "plan.json").write_text(json.dumps({**saved, "version": 1}))
+    with pytest.raises(PlanMismatchError, match="a plan of version 1, this anysat writes version 2"):
+        read_plan(str(out))
 
 
 def test_a_changed_rerun_into_the_same_output_is_refused(tmp_path):
