@@ -52,9 +52,14 @@ PROGRESS_TILES = 256  # a progress line per this many tiles of a run
 PREVIEW_MAX_SIDE = 2048  # pixels: previews and map PNGs of a continent stay small
 
 
-@lru_cache(maxsize=4)
 def get_model(name_or_uri: str, sensors: tuple[str, ...], device: str = "cpu") -> AnySat:
-    """The model for a run, loaded once per process (tasks in a worker reuse it)."""
+    """The model for a run, loaded once per process and device (tasks in a worker reuse it;
+    the plan's and the stream's on the CPU are one)."""
+    return _loaded_model(name_or_uri, tuple(sensors), device)
+
+
+@lru_cache(maxsize=4)  # its arguments always given in full: the cache keys on how they are passed
+def _loaded_model(name_or_uri: str, sensors: tuple[str, ...], device: str) -> AnySat:
     specs = resolve_sensors(list(sensors))
     model = load_model(name_or_uri, specs)
     missing = [s.name for s in specs if s.name not in model.modalities]
