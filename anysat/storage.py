@@ -92,6 +92,20 @@ def read_many(uris: list[str]) -> list[bytes | None]:
     return [found[uri] for uri in uris]
 
 
+def write_many(objects: dict[str, bytes]) -> None:
+    """Write each object whole (`write_bytes_atomic`), all on one filesystem, in one call:
+    an object store's PUTs go out at once on its client's event loop, a local disk's files
+    are written in turn."""
+    if not objects:
+        return
+    fs, _ = filesystem(next(iter(objects)))
+    if isinstance(fs, LocalFileSystem):
+        for uri, data in objects.items():
+            write_bytes_atomic(uri, data)
+    else:
+        fs.pipe({fs._strip_protocol(uri): data for uri, data in objects.items()})
+
+
 def read_json(uri: str) -> dict | list | None:
     """The JSON document at uri, or None where there is none (one round trip, not two)."""
     try:

@@ -61,10 +61,11 @@ def write_stac(plan, model: AnySat, layers: list[dict], finished: str) -> str:
     model_item = _model_item(request, model, finished, f"anysat-{plan.hash[:16]}")
     _write(storage.join(root, "model.json"), model_item)
     item_ids = []
-    for zone in layers:
-        for item in _block_items(plan, zone, interval, finished):
-            _write(storage.join(root, "items", f"{item['id']}.json"), item)
-            item_ids.append(item["id"])
+    for zone in layers:  # a zone's block Items at once (a continent's zone: ~1,000 blocks)
+        items = _block_items(plan, zone, interval, finished)
+        storage.write_many({storage.join(root, "items", f"{item['id']}.json"):
+                            json.dumps(item, indent=1).encode() for item in items})
+        item_ids += [item["id"] for item in items]
     dim = plan.zones[0].grid.dim
     west, south, east, north = request.geometry.bounds
     provider = request.provider()
