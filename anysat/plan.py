@@ -24,6 +24,9 @@ import hashlib
 import json
 import logging
 import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property, lru_cache
 
@@ -51,6 +54,10 @@ PLAN_VERSION = 2  # 2: item ids per tile moved from the tile table to the block 
 MAX_TILES = 5_000_000  # tiles one plan holds (its table is read whole by each worker)
 WARN_TILES = 100_000
 BLOCK_TILES = 16  # a block is up to 16 x 16 tiles of one zone's grid, searched once
+# Blocks searched at once on a STAC API (`ANYSAT_SEARCH_THREADS`): a block's search is a few
+# paged requests of 1-3 s, and Europe at 2,560 m is some 6,000 blocks, hours in turn. A
+# static catalog is searched in turn (in memory, and pystac resolves its links unlocked).
+SEARCH_THREADS = 8
 # Tiles read as one box: up to READ_SIDE x READ_SIDE, their cubes up to READ_BYTES (a reader
 # holds a square's cubes at once, about 3x that at its peak with the tiles' copies). A
 # square's read costs about the same whatever its area (per asset: an open, odc-stac's
@@ -240,9 +247,11 @@ def _plan_zone(uri: str, request: RegionRequest, specs: list[ModalitySpec], zone
     blocks = _zone_blocks(zone)
     ids = np.array([f"{zone.epsg}_{zone.size_m:g}m_{c}_{r}" for c, r in zip(zone.cols, zone.rows)])
     counts = {s.name: np.zeros(len(zone), dtype="int32") for s in specs}
-    for block in dict.fromkeys(blocks):
-        members = np.flatnonzero(blocks == block)
-        found = _search_block(request, specs, footprints[members])
+    members_of = {block: np.flatnonzero(blocks == block) for block in dict.fromkeys(blocks)}
+    searches = _in_order(list(members_of), lambda block: _search_block(
+        request, specs, footprints[members_of[block]]), _search_threads(request))
+    for block, found in searches:
+        members = members_of[block]
         tree = shapely.STRtree(footprints[members])
         kept: dict[str, int] = {}   # item id -> its position in the block's features
         features: list[dict] = []
@@ -272,6 +281,35 @@ def _plan_zone(uri: str, request: RegionRequest, specs: list[ModalitySpec], zone
         **{f"n_items.{s}": c for s, c in counts.items()},
     }
     return geoparquet.with_geometry(columns, footprints)
+
+
+def _search_threads(request: RegionRequest) -> int:
+    from .readers import count_from_env  # readers imports this module
+
+    if request.provider().kind == "static":
+        return 1
+    return count_from_env("ANYSAT_SEARCH_THREADS", SEARCH_THREADS, "blocks searched at once")
+
+
+def _in_order(blocks: list[str], search, threads: int) -> Iterator[tuple[str, object]]:
+    """(block, search(block)) in the blocks' order, up to `threads` searches running at once
+    and at most twice that many results waiting: memory stays flat in the number of blocks."""
+    if threads == 1:
+        yield from ((block, search(block)) for block in blocks)
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="search")
+    try:
+        waiting: deque = deque()
+        for block in blocks:
+            waiting.append((block, pool.submit(search, block)))
+            if len(waiting) >= 2 * threads:
+                done, future = waiting.popleft()
+                yield done, future.result()
+        while waiting:
+            done, future = waiting.popleft()
+            yield done, future.result()
+    finally:  # a failed search: the others not started are dropped
+        pool.shutdown(cancel_futures=True)
 
 
 def read_side(tile_bytes: int, most: int = READ_SIDE) -> int:

@@ -5,6 +5,7 @@ import datetime as dt
 import json
 import http.server
 import threading
+import time
 import urllib.request
 
 import numpy as np
@@ -80,9 +81,20 @@ class FlakyProxy(http.server.BaseHTTPRequestHandler):
     failures: list[tuple[int, dict]] = []
     seen: list[int] = []
     paths: list[str] = []
+    search_delay = 0.0          # seconds each search waits before it is forwarded
+    searching = most_searching = 0
+    lock = threading.Lock()
 
     def _forward(self):
         self.paths.append(self.path)
+        if self.path.startswith("/search") and self.search_delay:
+            cls = type(self)
+            with cls.lock:
+                cls.searching += 1
+                cls.most_searching = max(cls.most_searching, cls.searching)
+            time.sleep(self.search_delay)
+            with cls.lock:
+                cls.searching -= 1
         if self.failures:
             status, headers = self.failures.pop(0)
             self.seen.append(status)
@@ -115,6 +127,7 @@ def flaky_proxy(stac_api):
     port = free_port()
     FlakyProxy.upstream, FlakyProxy.proxy_url = stac_api, f"http://127.0.0.1:{port}"
     FlakyProxy.failures, FlakyProxy.seen, FlakyProxy.paths = [], [], []
+    FlakyProxy.search_delay, FlakyProxy.most_searching = 0.0, 0
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), FlakyProxy)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield FlakyProxy
@@ -157,3 +170,32 @@ def test_a_run_searches_once_per_block_not_per_tile(flaky_proxy, tmp_path):
     assert manifest["tiles"] == 20 and blocks == 2    # the square kilometre meets 2 blocks
     assert searches() == blocks * per_search
     assert manifest["patches_with_data"] > 0
+
+
+def test_blocks_are_searched_at_once_into_the_same_plan(flaky_proxy, tmp_path, monkeypatch):
+    """A continent is thousands of blocks of a few seconds' search each: they go out several
+    at once (ANYSAT_SEARCH_THREADS), and the plan is the one searched block after block."""
+    from anysat.plan import make_plan
+    from anysat.request import RegionRequest
+
+    flaky_proxy.search_delay = 0.2
+    plans = {}
+    for threads in ("1", "8"):
+        monkeypatch.setenv("ANYSAT_SEARCH_THREADS", threads)
+        flaky_proxy.most_searching = 0
+        request = RegionRequest.build(bbox=DEMO_BBOX, start=START, end=END, tile_size_m=60,
+                                      patch_size_m=60, catalog=flaky_proxy.proxy_url,
+                                      output_uri=str(tmp_path / threads))
+        plan = make_plan(request, "0" * 64, 8)
+        plans[threads] = plan
+        most = flaky_proxy.most_searching
+        assert most == 1 if threads == "1" else most > 1, (threads, most)
+    one, eight = plans["1"], plans["8"]
+    assert eight.tiles["block"].nunique() > 2
+    assert one.tiles.equals(eight.tiles)
+    for tile in one.tile_ids:
+        assert ids(one.items(tile)) == ids(eight.items(tile))
+    files = sorted(p.name for p in (tmp_path / "1" / "plan" / "items").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "8" / "plan" / "items").iterdir())
+    assert all((tmp_path / "1" / "plan" / "items" / f).read_bytes()
+               == (tmp_path / "8" / "plan" / "items" / f).read_bytes() for f in files)
