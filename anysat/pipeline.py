@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import geoparquet, lease, storage
-from .batch import stack_samples, without_empty_dates
+from .batch import stack_samples
 from .errors import (CheckpointError, NoItemsError, OutputNotWritableError, RequestError,
                      TilesFailedError)
 from .model import AnySat, load_model
@@ -259,7 +259,7 @@ def _launch(plan: RunPlan, model: AnySat, group: list[tuple[Tile, dict, dict, fl
     (from page-locked memory), and the values' checks, which would make it wait, are left
     out (a run's batches are finite where their masks say valid: `cube.batch`). Patch
     validity comes from the masks on the host. Dates on which a tile's sensor has no valid
-    pixel are left out of its batch (`without_empty_dates`): an accelerator computes every
+    pixel are left out of its batch (`batch.kept_dates`): an accelerator computes every
     pixel-date, masked or not."""
     request = plan.request
     by_sensors: dict[frozenset, list] = {}
@@ -277,7 +277,7 @@ def _launch(plan: RunPlan, model: AnySat, group: list[tuple[Tile, dict, dict, fl
         if not keys:  # no sensor had items: nothing to embed
             launched.append(_Forward(kept, None, None, None, 0.0))
             continue
-        host = stack_samples([without_empty_dates(b) for _, b, _, _ in items], pin_memory=gpu)
+        host = stack_samples([b for _, b, _, _ in items], pin_memory=gpu, without_empty=True)
         valid = model.patch_validity(host, request.patch_size_m, check_values=False).numpy()
         batch = {k: v.to(device, non_blocking=gpu) for k, v in host.items()}
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype,

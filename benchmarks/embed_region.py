@@ -167,7 +167,8 @@ def run_case(catalog: str, tiles: int, batch_size: int, device: str, dtype: str,
         cast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
         forward = 0.0
         for i in range(0, len(samples), batch_size):
-            batch = {k: v.to(device) for k, v in stack_samples(samples[i:i + batch_size]).items()}
+            batch = {k: v.to(device) for k, v in  # as the run stacks them
+                     stack_samples(samples[i:i + batch_size], without_empty=True).items()}
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             begun = time.perf_counter()

@@ -79,3 +79,20 @@ def test_dates_without_a_valid_pixel_are_left_out_with_the_same_embeddings():
     # a sensor without any valid pixel keeps one date, so that it keeps its shape
     cloudy = without_empty_dates({**batch, "sentinel-2-l2a_mask": torch.zeros_like(batch["sentinel-2-l2a_mask"])})
     assert cloudy["sentinel-2-l2a"].shape == (1, 1, 9, 60, 60)
+    # a batch stacked leaving them out, each sample copied once: the same as stacking the
+    # samples without them (the second tile loses 3 other dates, so both are padded)
+    from anysat.batch import stack_samples
+
+    other = {**batch, "sentinel-2-l2a_mask": batch["sentinel-2-l2a_mask"].clone(),
+             "sentinel-1_mask": batch["sentinel-1_mask"].clone()}
+    other["sentinel-2-l2a_mask"][:, 4:7] = False
+    other["sentinel-1_mask"][:, 0] = False
+    stacked = stack_samples([batch, other], without_empty=True)
+    expected = stack_samples([without_empty_dates(batch), without_empty_dates(other)])
+    assert stacked.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(stacked[key], expected[key], rtol=0, atol=0, equal_nan=True)
+    assert stacked["sentinel-2-l2a"].shape[1] == 10 and stacked["sentinel-1_dates"].shape[1] == \
+        batch["sentinel-1_dates"].shape[1]
+    assert not stacked["sentinel-2-l2a_mask"][1, 7:].any()          # padded dates are masked
+    assert (stacked["sentinel-2-l2a_dates"][1, 7:] == stacked["sentinel-2-l2a_dates"][1, 6]).all()
