@@ -11,7 +11,8 @@ loopback server (`s3_loopback.py`), holding every request `--latency-ms` before 
 
 Keys: case, store, latency_ms, quantize, threads, tile_size_m, tiles, seconds, tiles_per_s,
 km2_per_s, grid_tiles and create_layer_s: the seconds the empty layer took to create (its
-metadata, coordinates and overview; no chunk). At 28 km2/s a GPU run embeds a 600 m tile every 13 ms, a 2,400 m tile every 206 ms.
+metadata, coordinates and overview; no chunk). At 28 km2/s a GPU run embeds a 600 m tile
+every 13 ms, a 2,400 m tile every 206 ms.
 
     python benchmarks/tile_writes.py [--stores local s3] [--latency-ms 20] [--threads 1 4 16]
         [--tile-size-m 600|2400]
