@@ -119,7 +119,7 @@ def count_gpu_ops(specs, sampler, model_size: str, batch_size: int, memory_gb: f
     from anysat.train.masks import context_validity
     from anysat.train.trainer import forward_loss
 
-    chunk = min(projectors.ACCELERATOR_CHUNK_BYTES, int(memory_gb * 2**30) // 40)
+    chunk = projectors.gpu_chunk_bytes(int(memory_gb * 2**30))
     projectors.accelerator_chunk_bytes = lambda device: chunk  # as on that GPU (see there)
     few = sampler.sample(8)
     batch = {k: v.repeat(-(-batch_size // 8), *[1] * (v.ndim - 1))[:batch_size] for k, v in few.items()}

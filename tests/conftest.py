@@ -49,23 +49,33 @@ def s3_endpoint():
             os.environ[k] = v
 
 
-class _Slow:
+class Held:
+    """Requests held `delay` s each (`hold()`, from any thread), counting the most at once."""
+
+    def __init__(self, delay: float):
+        self.delay, self.now, self.most = delay, 0, 0
+        self.lock = threading.Lock()
+
+    def hold(self) -> None:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(self.delay)
+        with self.lock:
+            self.now -= 1
+
+
+class _Slow(Held):
     """WSGI middleware: each `method` request for a path that `pattern` matches answered after
     `delay` s (an object store's latency), counting the most held at once."""
 
     def __init__(self, app, delay: float, method: str, pattern: str):
-        self.app, self.delay, self.method, self.pattern = app, delay, method, re.compile(pattern)
-        self.now = self.most = 0
-        self.lock = threading.Lock()
+        super().__init__(delay)
+        self.app, self.method, self.pattern = app, method, re.compile(pattern)
 
     def __call__(self, environ, start_response):
         if environ["REQUEST_METHOD"] == self.method and self.pattern.search(environ["PATH_INFO"]):
-            with self.lock:
-                self.now += 1
-                self.most = max(self.most, self.now)
-            time.sleep(self.delay)
-            with self.lock:
-                self.now -= 1
+            self.hold()
         return self.app(environ, start_response)
 
 

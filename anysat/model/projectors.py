@@ -21,8 +21,9 @@ DOY_PERIOD = 367.0  # the official encoder's day-of-year table length
 PIXELS_PER_CHUNK = 512  # pixel rows per temporal chunk on the CPU: activations stay in cache
 # On an accelerator, without autograd (inference, the JEPA target), rows per chunk up to this
 # many bytes of MLP output, a 40th of a GPU's memory at most (a chunk's transients are about 4x
-# its output: base, fp32, 2.1 GB for a 512 MB chunk, 7.4 GB for 2 GB): few, large kernels. Each chunk is ~80 ops the host launches: 512-row chunks made
-# 113 chunks per forward of 16 tiles of 600 m. With autograd, one chunk: the backward keeps
+# its output: base, fp32, 2.1 GB for a 512 MB chunk, 7.4 GB for 2 GB): few, large kernels.
+# Each chunk is ~80 ops the host launches: 512-row chunks made 113 chunks per forward of 16
+# tiles of 600 m. With autograd, one chunk: the backward keeps
 # every chunk's activations anyway, so chunks would bound no memory, only add launches. A base
 # training step launched 4,177 ops at batch 64 and 7,879 at 1024 with 512 MB chunks; 4,015
 # and 4,699 now (`benchmarks/train_step_profile.py --gpu-ops 80`).
@@ -34,7 +35,12 @@ def accelerator_chunk_bytes(device: torch.device) -> int:
     """Bytes of MLP output per temporal chunk without autograd on this accelerator."""
     if device.type != "cuda":
         return OTHER_ACCELERATOR_CHUNK_BYTES
-    return min(ACCELERATOR_CHUNK_BYTES, torch.cuda.get_device_properties(device).total_memory // 40)
+    return gpu_chunk_bytes(torch.cuda.get_device_properties(device).total_memory)
+
+
+def gpu_chunk_bytes(memory_bytes: int) -> int:
+    """Bytes of MLP output per temporal chunk on a GPU of this much memory."""
+    return min(ACCELERATOR_CHUNK_BYTES, memory_bytes // 40)
 
 
 def day_of_year(dates_days: torch.Tensor) -> torch.Tensor:

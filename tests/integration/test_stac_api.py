@@ -5,7 +5,6 @@ import datetime as dt
 import json
 import http.server
 import threading
-import time
 import urllib.request
 
 import numpy as np
@@ -18,7 +17,7 @@ from anysat.cube.batch import load_tile_batch
 from anysat.stac import resolve_provider, search_items, search_sensors
 from anysat.stac.api import _open
 from anysat.tiles import Tile
-from tests.conftest import CENTRAL_TILE, DEMO_BBOX, free_port
+from tests.conftest import CENTRAL_TILE, DEMO_BBOX, Held, free_port
 
 pytestmark = pytest.mark.integration
 SPECS = available_specs()
@@ -81,20 +80,12 @@ class FlakyProxy(http.server.BaseHTTPRequestHandler):
     failures: list[tuple[int, dict]] = []
     seen: list[int] = []
     paths: list[str] = []
-    search_delay = 0.0          # seconds each search waits before it is forwarded
-    searching = most_searching = 0
-    lock = threading.Lock()
+    searches: Held | None = None   # when set, each search is held before it is forwarded
 
     def _forward(self):
         self.paths.append(self.path)
-        if self.path.startswith("/search") and self.search_delay:
-            cls = type(self)
-            with cls.lock:
-                cls.searching += 1
-                cls.most_searching = max(cls.most_searching, cls.searching)
-            time.sleep(self.search_delay)
-            with cls.lock:
-                cls.searching -= 1
+        if self.path.startswith("/search") and self.searches:
+            self.searches.hold()
         if self.failures:
             status, headers = self.failures.pop(0)
             self.seen.append(status)
@@ -127,7 +118,7 @@ def flaky_proxy(stac_api):
     port = free_port()
     FlakyProxy.upstream, FlakyProxy.proxy_url = stac_api, f"http://127.0.0.1:{port}"
     FlakyProxy.failures, FlakyProxy.seen, FlakyProxy.paths = [], [], []
-    FlakyProxy.search_delay, FlakyProxy.most_searching = 0.0, 0
+    FlakyProxy.searches = None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), FlakyProxy)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield FlakyProxy
@@ -178,17 +169,16 @@ def test_blocks_are_searched_at_once_into_the_same_plan(flaky_proxy, tmp_path, m
     from anysat.plan import make_plan
     from anysat.request import RegionRequest
 
-    flaky_proxy.search_delay = 0.2
     plans = {}
     for threads in ("1", "8"):
         monkeypatch.setenv("ANYSAT_SEARCH_THREADS", threads)
-        flaky_proxy.most_searching = 0
+        flaky_proxy.searches = Held(0.2)
         request = RegionRequest.build(bbox=DEMO_BBOX, start=START, end=END, tile_size_m=60,
                                       patch_size_m=60, catalog=flaky_proxy.proxy_url,
                                       output_uri=str(tmp_path / threads))
         plan = make_plan(request, "0" * 64, 8)
         plans[threads] = plan
-        most = flaky_proxy.most_searching
+        most = flaky_proxy.searches.most
         assert most == 1 if threads == "1" else most > 1, (threads, most)
     one, eight = plans["1"], plans["8"]
     assert eight.tiles["block"].nunique() > 2
