@@ -349,9 +349,8 @@ def run_squares(plan: RunPlan) -> list[tuple[list[Tile], tuple[Tile, Tile]]]:
 
 def tile_batches(plan: RunPlan, size: int | None = None) -> list[list[str]]:
     """Tile ids in task-sized batches (`tiles_per_batch`, or `size`), zone by zone, in the
-    plan's reading order (squares of tiles, so a batch is read in few compact blocks)."""
-    n, ids = size or plan.request.tiles_per_batch, plan.in_reading_order(plan.tile_ids)
-    return [ids[i:i + n] for i in range(0, len(ids), n)]
+    plan's reading order, of whole reading squares (`RunPlan.task_batches`)."""
+    return plan.task_batches(plan.tile_ids, size or plan.request.tiles_per_batch)
 
 
 @dataclass

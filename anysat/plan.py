@@ -173,6 +173,29 @@ class RunPlan:
         blocks = self.tiles.loc[[t.id for t in tiles], "block"]
         return square_groups(tiles, [self.block_extents[b] for b in blocks], self.read_side)
 
+    def task_batches(self, tile_ids: list[str], size: int) -> list[list[str]]:
+        """The tiles in reading order, in batches (task runs) of whole reading squares, up
+        to `size` tiles each, or one square where a square holds more. A square split
+        between tasks would be read once by each, whole: its box is fixed by the plan."""
+        ids = self.in_reading_order(tile_ids)
+        if not ids:
+            return []
+        rows = self.tiles.loc[ids, ["col", "row", "block"]]
+        extents = pd.DataFrame.from_dict(self.block_extents, orient="index",
+                                         columns=["west", "north", "east", "south"])
+        corner = extents.loc[rows["block"], ["west", "north"]].to_numpy()
+        square = np.stack([pd.factorize(rows["block"])[0],
+                           (rows["col"].to_numpy() - corner[:, 0]) // self.read_side,
+                           (corner[:, 1] - rows["row"].to_numpy()) // self.read_side], axis=1)
+        # a square's tiles are consecutive in reading order (its side divides BLOCK_TILES)
+        starts = np.flatnonzero(np.r_[True, (square[1:] != square[:-1]).any(axis=1)])
+        batches, first = [], 0
+        for start, end in zip(starts, [*starts[1:], len(ids)]):
+            if end - first > size and start > first:
+                batches.append(ids[first:start])
+                first = start
+        return [*batches, ids[first:]]
+
     def tile(self, tile_id: str) -> Tile:
         row = self.tiles.loc[tile_id]
         return Tile(int(row["epsg"]), int(row["col"]), int(row["row"]), self.request.tile_size_m)

@@ -77,9 +77,10 @@ class RegionRequest(BaseModel):
     model: str = Field(DEFAULT_MODEL, description="checkpoint path/URI, `demo` (the shipped "
                                                   "checkpoint) or a size name for a random "
                                                   "initialisation (tiny, small, base)")
-    tiles_per_batch: int = Field(16, ge=1, description="tiles per task (a Prefect task run); "
-                                 "best a multiple of 16: tiles are read in squares of up to "
-                                 "4 x 4")
+    tiles_per_batch: int = Field(64, ge=1, description="tiles per task (a Prefect task run) "
+                                 "at most: tasks take whole reading squares (up to 8 x 8 "
+                                 "tiles, `read_side` in plan.json), one alone where it holds "
+                                 "more")
     batch_size: int = Field(4, ge=1, description="tiles per forward of the model")
     device: str = Field("cpu", description="cpu, cuda, cuda:N")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype of the "

@@ -124,9 +124,9 @@ def ingest_tiles(plan: IngestPlan, tile_ids: list[str]) -> list[dict]:
 
 
 def tile_batches(plan: IngestPlan) -> list[list[str]]:
-    """Chip ids in task-sized batches, in reading order (squares of chips, see `ingest_tiles`)."""
-    n, ids = plan.request.tiles_per_batch, plan.run.in_reading_order(plan.tiles)
-    return [ids[i:i + n] for i in range(0, len(ids), n)]
+    """Chip ids in task-sized batches of whole reading squares, in reading order (see
+    `ingest_tiles`)."""
+    return plan.run.task_batches(plan.tiles, plan.request.tiles_per_batch)
 
 
 def finish_ingest(plan: IngestPlan, rows: list[dict], seconds: float) -> dict:
