@@ -29,6 +29,16 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _strings(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
@@ -238,7 +248,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--estimate", action="store_true",
                         help="only count tiles per UTM zone and estimate device-hours (no "
                              "search, nothing written; needs only the region and tile size)")
-    parser.add_argument("--km2-per-s", type=float, default=MEASURED_KM2_PER_S,
+    parser.add_argument("--km2-per-s", type=_positive, default=MEASURED_KM2_PER_S,
                         help="throughput to estimate with (default: measured on a 2-core CPU)")
 
 

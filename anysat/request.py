@@ -19,6 +19,7 @@ from .sizes import is_multiple
 DEFAULT_SENSORS = ("sentinel-2-l2a", "sentinel-1", "copernicus-dem")
 DEFAULT_MODEL = "demo"  # the pretrained checkpoint that ships (catalogs/checkpoints/demo)
 MAX_TILE_SIZE_M = 20_000.0  # 2,000 x 2,000 px of Sentinel-2 per tile and date
+UTM_SOUTH, UTM_NORTH = -80.0, 84.0  # latitudes the UTM system is defined over
 INT8_FROM_KM2 = 10_000.0  # `quantize="auto"` stores larger regions' layers as int8
 # what chooses where, when and from what: the fields `anysat ingest` shares with `embed`
 REGION_FIELDS = ("bbox", "geojson", "start", "end", "sensors", "catalog", "catalog_naming",
@@ -153,7 +154,13 @@ class RegionRequest(BaseModel):
             raise ValueError("dtype fp16 needs a CUDA device; on CPU use fp32 or bf16")
         if "classes" in self.products and not self.labels:
             raise ValueError("the classes product needs labelled points or polygons (labels / --labels)")
-        self.geometry  # noqa: B018 - parse the GeoJSON now, so a bad one fails here
+        south, north = self.geometry.bounds[1::2]  # parses the GeoJSON: a bad one fails here
+        if south < UTM_SOUTH or north > UTM_NORTH:
+            reach = f"{north:g} N" if north > UTM_NORTH else f"{-south:g} S"
+            raise ValueError(
+                f"the region reaches {reach}: tiles are laid on UTM grids, defined from "
+                f"{-UTM_SOUTH:g} S to {UTM_NORTH:g} N (the polar caps' UPS grids are not "
+                "supported)")
         return self
 
     @classmethod

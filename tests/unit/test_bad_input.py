@@ -93,6 +93,8 @@ CASES = [
     ("bbox-longitude-200", ["--bbox", "200,50,201,51", *DEMO], "(200.0, 50.0, 201.0, 51.0)"),
     ("bbox-latitude-95", ["--bbox", "5,89,6,95", *DEMO], "(5.0, 89.0, 6.0, 95.0)"),
     ("bbox-nan", ["--bbox", "nan,50,6,51", *DEMO], "nan"),
+    ("bbox-north-of-utm", ["--bbox", "10,83,20,86", *DEMO], "reaches 86 N: tiles are laid on UTM"),
+    ("bbox-antarctica", ["--bbox", "10,-85,20,-70", *DEMO], "reaches 85 S: tiles are laid on UTM"),
     ("no-region", DEMO, "give exactly one of bbox or geojson"),
     ("bbox-and-geojson", [*BBOX, "--geojson", "{root}/point.geojson"], "give exactly one of bbox or geojson"),
     ("geojson-missing-file", ["--geojson", "{root}/nowhere.geojson", *DEMO], "nowhere.geojson"),
@@ -216,6 +218,15 @@ def test_an_estimate_with_tiles_no_run_could_take_is_refused(capsys):
     """The estimate checks sizes as a run does: 2,560 m is no whole number of 30 m patches."""
     assert cli.main(["plan", "--estimate", "--bbox=-10,35,30,70", "--tile-size-m", "2560"]) == 2
     assert "tile_size_m 2560 is not a multiple of patch_size_m 30" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rate", ["0", "-3", "nan"])
+def test_an_estimate_at_no_throughput_is_refused(rate, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["plan", "--estimate", "--bbox=5,50,6,51", f"--km2-per-s={rate}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert f"--km2-per-s: expected a positive number, got '{rate}'" in err
 
 
 def test_a_background_request_that_failed_is_one_line_not_a_traceback(caplog):
