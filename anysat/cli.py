@@ -39,6 +39,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _strings(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
@@ -164,8 +174,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--monitor-every", type=int, default=C.monitor_every,
                         help="collapse monitors on a fixed probe batch every N steps (0: off)")
     parser.add_argument("--workers", type=int, default=C.workers, help="loader processes per rank")
-    parser.add_argument("--nproc", type=int, default=1, help="processes (torchrun when > 1)")
-    parser.add_argument("--threads", type=int, help="torch threads per process")
+    parser.add_argument("--nproc", type=_count, default=1, help="processes (torchrun when > 1)")
+    parser.add_argument("--threads", type=_count, help="torch threads per process")
     parser.add_argument("--device", default=C.device, help="auto, cpu, cuda")
     parser.add_argument("--dtype", default=C.dtype, choices=["auto", "fp32", "bf16"])
     parser.add_argument("--save-dtype", default=C.save_dtype, choices=["float32", "float16"])
@@ -347,7 +357,7 @@ def attach_negative_values(argv: list[str]) -> list[str]:
     out, i = [], 0
     while i < len(argv):
         if argv[i] in ("--bbox", "--point") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
-            out.append(f"--bbox={argv[i + 1]}")
+            out.append(f"{argv[i]}={argv[i + 1]}")
             i += 2
         else:
             out.append(argv[i])

@@ -24,6 +24,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
+from anysat.errors import AnySatError  # noqa: E402
 from anysat.train.trainer import TrainConfig  # noqa: E402
 from flows.local_server import prefect_server  # noqa: E402
 
@@ -46,6 +47,9 @@ def pretrain(config: TrainConfig, nproc: int = 1) -> dict:
     """Pretrain from chip stores into `config.out` (checkpoints, metrics, final model) with
     `nproc` processes (torchrun DDP when > 1). The parameter is the training config itself
     (anysat.train.trainer.TrainConfig): the UI renders its fields."""
+    config.check()  # options out of range fail here, before the job starts
+    if nproc < 1:
+        raise AnySatError(f"nproc is {nproc}: expected a whole number of at least 1")
     logger = get_run_logger()
     command = pretrain_command(config, nproc)
     steps, out = config.steps, config.out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 
 from ..modalities import ModalitySpec
@@ -59,8 +60,11 @@ class AnySatConfig:
         if size not in SIZES:
             raise ValueError(f"unknown model size '{size}'; sizes: {', '.join(SIZES)}")
         s = {k: v for k, v in SIZES[size].items() if k != "predictor"}
-        return cls(tuple(ModalityConfig.from_spec(sp) for sp in specs),
-                   **{**s, "size": size, **overrides})
+        config = cls(tuple(ModalityConfig.from_spec(sp) for sp in specs),
+                     **{**s, "size": size, **overrides})
+        if overrides:  # a width or depth given: checked as a saved config is
+            _check_config(json.loads(json.dumps(config.to_dict())))  # as config.json holds it
+        return config
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,9 +124,10 @@ def _check_config(raw: object) -> None:
             number(f"config {key}", raw[key], key)
     if "mlp_ratio" in raw:
         number("config mlp_ratio", raw["mlp_ratio"], "mlp_ratio", integer=False)
-    if raw.get("dim", 256) % raw.get("heads", 4):
-        raise ValueError(f"config dim {raw.get('dim', 256)} is not a multiple of heads "
-                         f"{raw.get('heads', 4)}")
+    for heads, default in (("heads", 4), ("temporal_heads", 16)):  # each head a share of dim
+        if raw.get("dim", 256) % raw.get(heads, default):
+            raise ValueError(f"config dim {raw.get('dim', 256)} is not a multiple of {heads} "
+                             f"{raw.get(heads, default)}")
     if raw.get("size", "tiny") not in SIZES:
         raise ValueError(f"config size {raw.get('size')!r} is not one of {list(SIZES)}")
     if not isinstance(raw.get("extra", {}), dict):

@@ -123,7 +123,14 @@ def similar_in_layer(layer_uri: str, lon: float, lat: float, k: int = 10) -> lis
 
 def similar_in_vectors(vectors_uri: str, lon: float, lat: float, k: int = 10) -> list[dict]:
     """The k rows of a patch GeoParquet most like the patch whose footprint holds (lon, lat)."""
-    table = geoparquet.read(vectors_uri)
+    try:
+        table = geoparquet.read(vectors_uri)
+    except (FileNotFoundError, pa.ArrowInvalid) as exc:
+        raise AnySatError(f"cannot read patch vectors {vectors_uri} ({type(exc).__name__}: "
+                          f"{exc})") from None
+    if not {"geometry", "embedding", "tile", "row", "col"} <= set(table.column_names):
+        raise AnySatError(f"{vectors_uri} is no patch vectors table (it needs geometry, "
+                          f"embedding, tile, row and col; it has {table.column_names})")
     footprints = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
     holding = np.flatnonzero(shapely.contains_xy(footprints, lon, lat))
     if not len(holding):

@@ -15,7 +15,7 @@ import xarray as xr
 import zarr
 from affine import Affine
 
-from ..errors import OutputNotWritableError
+from ..errors import AnySatError, OutputNotWritableError
 from ..tiles import Tile
 from .quantize import NODATA, RULE, dequantize, quantize
 
@@ -214,7 +214,14 @@ def read_preview_cells(uri: str, max_side: int) -> zarr.Array | None:
 def read_layer(uri: str) -> xr.Dataset:
     """Open a layer lazily, as stored (int8 layers stay int8: see `embeddings`);
     `.rio.crs` and `.rio.transform()` give its georeference."""
-    return xr.open_zarr(uri, consolidated=False, decode_coords="all", mask_and_scale=False)
+    try:
+        ds = xr.open_zarr(uri, consolidated=False, decode_coords="all", mask_and_scale=False)
+    except (FileNotFoundError, ValueError) as exc:  # zarr's GroupNotFoundError is a ValueError
+        raise AnySatError(f"no embedding layer at {uri} ({type(exc).__name__}: {exc})") from None
+    if "embedding" not in ds or GRID_ATTR not in ds.attrs:
+        raise AnySatError(f"{uri} is a Zarr group but no embedding layer (it has no "
+                          f"`embedding` array or no {GRID_ATTR!r} attribute)")
+    return ds
 
 
 def layer_grid(ds: xr.Dataset) -> LayerGrid:

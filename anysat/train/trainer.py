@@ -18,7 +18,9 @@ import dataclasses
 import inspect
 import json
 import logging
+import math
 import os
+import re
 import resource
 import sys
 import time
@@ -34,6 +36,7 @@ from .. import storage
 from ..errors import AnySatError, CheckpointError
 from ..model import AnySat, save_checkpoint
 from ..model.checkpoint import build_model
+from ..model.config import SIZES
 from ..modalities import available_specs, resolve_sensors
 from .jepa import JEPA, JEPAConfig, ema_momentum
 from .masks import MultiBlockMasks
@@ -83,6 +86,42 @@ class TrainConfig:
     json_progress: bool = False             # one JSON line per log step on stdout
     provenance: dict = field(default_factory=dict)
 
+    def check(self) -> None:
+        """Raise AnySatError naming the first option out of range, before any data is read
+        or process started (not a traceback from the optimiser or a modulo by zero mid-run)."""
+        def bad(name: str, what: str) -> AnySatError:
+            return AnySatError(f"{name} (--{name.replace('_', '-')}) is "
+                               f"{getattr(self, name)!r}: expected {what}")
+
+        least = {"steps": 1, "batch_size": 1, "accumulation": 1, "shuffle_buffer": 1,
+                 "checkpoint_every": 1, "keep_checkpoints": 1, "log_every": 1, "dim": 1,
+                 "depth": 1, "warmup_steps": 0, "monitor_every": 0, "workers": 0}
+        for name, low in least.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < low):
+                raise bad(name, f"an integer of at least {low}")
+        for name, positive in (("lr", True), ("weight_decay", False), ("decorrelation", False)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+                raise bad(name, "a positive number" if positive else "a number of 0 or more")
+        for name in ("sensor_drop", "date_drop", "modality_drop"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise bad(name, "a chance from 0 to 1")
+        for name in ("crop_sizes_m", "patch_sizes_m"):
+            sizes = getattr(self, name)
+            if not sizes or not all(math.isfinite(v) and v > 0 for v in sizes):
+                raise bad(name, "one or more positive sizes in metres")
+        for name, known in (("model", SIZES), ("dtype", ("auto", "fp32", "bf16")),
+                            ("save_dtype", ("float32", "float16"))):
+            if getattr(self, name) not in known:
+                raise bad(name, f"one of {', '.join(known)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise bad("device", "auto, cpu, cuda or cuda:N")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise AnySatError(f"device {self.device!r}: this torch sees no CUDA device (a CPU "
+                              "build, or no GPU); use --device cpu or auto")
+
     def jepa_config(self) -> JEPAConfig:
         return JEPAConfig(decorrelation_weight=self.decorrelation, date_drop=self.date_drop,
                           modality_drop=self.modality_drop)
@@ -116,14 +155,16 @@ def _world() -> tuple[int, int, int]:
 def prepare(cfg: TrainConfig, world: int) -> Prepared:
     """Every check before training, so bad input fails before a process is spawned: output
     writable, chips usable by the model, the newest checkpoint made by this same recipe."""
+    cfg.check()
     storage.check_writable(cfg.out)
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.accumulation < 1:
-        raise AnySatError("steps, batch size and accumulation must be at least 1")
     table = read_chip_indexes(cfg.chips)
     present = sensors_in(table)
     specs = resolve_sensors(cfg.sensors or [n for n in available_specs() if n in present])
     overrides = {k: v for k, v in (("dim", cfg.dim), ("depth", cfg.depth)) if v}
-    model = build_model(cfg.model, specs, cfg.seed, **overrides)
+    try:
+        model = build_model(cfg.model, specs, cfg.seed, **overrides)
+    except ValueError as exc:  # a width or depth out of the model's bounds
+        raise AnySatError(f"model {cfg.model} with {overrides}: {exc}") from None
     table = check_chip_table(table, model.modalities)
     checkpoint = load_latest(cfg.out)
     if checkpoint is not None:
@@ -175,6 +216,7 @@ def _write_lines(uri: str, rows: list[dict]) -> None:
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) the pretraining in this process: rank RANK of WORLD_SIZE when launched
     by torchrun. Returns the summary rank 0 also writes into the final model's provenance."""
+    cfg.check()
     rank, world, local_rank = _world()
     device = _device(cfg, local_rank)
     if world > 1 and not dist.is_initialized():

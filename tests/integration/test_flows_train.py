@@ -50,3 +50,16 @@ def test_pretrain_flow_fails_with_the_jobs_reason(prefect_api, tmp_path):
     assert state.is_failed()
     with pytest.raises(RuntimeError, match="has no complete chips"):
         state.result()
+
+
+def test_pretrain_flow_refuses_options_out_of_range_before_the_job(prefect_api, tmp_path):
+    from anysat.errors import AnySatError
+    from flows.pretrain import pretrain
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+        config = TrainConfig(chips=[str(tmp_path / "none.zarr")], out=str(tmp_path / "run"),
+                             steps=2, log_every=0)
+        state = pretrain(config, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(AnySatError, match=r"log_every \(--log-every\) is 0"):
+        state.result()

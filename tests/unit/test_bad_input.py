@@ -220,6 +220,65 @@ def test_an_estimate_with_tiles_no_run_could_take_is_refused(capsys):
     assert "tile_size_m 2560 is not a multiple of patch_size_m 30" in capsys.readouterr().err
 
 
+PRETRAIN_CASES = [  # (options, text the one error line must contain)
+    (["--lr", "-1"], "lr (--lr) is -1.0: expected a positive number"),
+    (["--lr", "nan"], "lr (--lr) is nan"),
+    (["--weight-decay", "-0.1"], "weight_decay (--weight-decay) is -0.1"),
+    (["--checkpoint-every", "0"], "checkpoint_every (--checkpoint-every) is 0"),
+    (["--log-every", "0"], "log_every (--log-every) is 0"),
+    (["--keep-checkpoints", "0"], "keep_checkpoints (--keep-checkpoints) is 0"),
+    (["--warmup-steps", "-1"], "warmup_steps (--warmup-steps) is -1"),
+    (["--workers", "-1"], "workers (--workers) is -1"),
+    (["--shuffle-buffer", "0"], "shuffle_buffer (--shuffle-buffer) is 0"),
+    (["--sensor-drop", "1.5"], "sensor_drop (--sensor-drop) is 1.5: expected a chance from 0 to 1"),
+    (["--date-drop", "-0.1"], "date_drop (--date-drop) is -0.1"),
+    (["--crop-sizes-m", "60,-120"], "crop_sizes_m (--crop-sizes-m) is (60.0, -120.0)"),
+    (["--device", "tpu"], "device (--device) is 'tpu'"),
+    (["--device", "cuda"], "this torch sees no CUDA device"),
+    (["--steps", "0"], "steps (--steps) is 0"),
+    (["--nproc", "0"], "argument --nproc: expected a whole number of at least 1, got '0'"),
+    (["--threads", "0"], "argument --threads: expected a whole number of at least 1, got '0'"),
+]
+
+
+@pytest.mark.parametrize("options,expected", PRETRAIN_CASES, ids=[" ".join(c[0]) for c in PRETRAIN_CASES])
+def test_pretrain_options_out_of_range_are_one_clear_error(options, expected, tmp_path, capsys):
+    """Refused before any chip is read (the store does not exist) or process started: no
+    traceback from the optimiser, no modulo by zero at the first log step."""
+    try:
+        code = cli.main(["pretrain", "--chips", str(tmp_path / "nowhere.zarr"), "--out",
+                         str(tmp_path / "run"), *options])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert expected in lines[0], lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("dim,expected", [(7, "config dim is 7: expected an integer from 8"),
+                                          (12, "config dim 12 is not a multiple of temporal_heads 16")])
+def test_a_width_the_model_cannot_take_is_refused_before_it_is_built(dim, expected):
+    """`pretrain --dim 12` failed in the first forward (a reshape of 16 temporal heads)."""
+    from anysat.model.checkpoint import build_model
+    from anysat.modalities import resolve_sensors
+
+    with pytest.raises(ValueError, match=expected):
+        build_model("tiny", resolve_sensors(["s2", "s1"]), dim=dim)
+
+
+def test_similar_takes_a_western_point_and_names_what_it_cannot_read(tmp_path, capsys):
+    """`--point -74,40.7` was rewritten to `--bbox=...` (argparse: --point is required)."""
+    (tmp_path / "hosts").write_text("not a layer")
+    for args, expected in [(["--layer", str(tmp_path / "none.zarr")], "no embedding layer at"),
+                           (["--layer", str(tmp_path / "hosts")], "no embedding layer at"),
+                           (["--vectors", str(tmp_path / "hosts")], "cannot read patch vectors")]:
+        assert cli.main(["similar", *args, "--point", "-74.0,40.7"]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("rate", ["0", "-3", "nan"])
 def test_an_estimate_at_no_throughput_is_refused(rate, capsys):
     with pytest.raises(SystemExit) as exc:
