@@ -211,7 +211,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where evaluation.md and evaluation.json go")
     parser.add_argument("--tasks", default="crop-types,land-cover",
                         help="comma-separated: crop-types, land-cover")
-    parser.add_argument("--max-points", type=int,
+    parser.add_argument("--max-points", type=_count,
                         help="a class-stratified sample of this many crop-type points (quick runs)")
     parser.add_argument("--device", default="cpu", help="where the embeddings are computed (cpu, cuda)")
 
@@ -222,7 +222,7 @@ def add_points_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output Parquet: the input's other columns "
                                                      "and an `embedding` list column")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint path/URI or a size name")
-    parser.add_argument("--batch-size", type=int, default=256, help="points per forward")
+    parser.add_argument("--batch-size", type=_count, default=256, help="points per forward")
 
 
 def run_embed(args: argparse.Namespace) -> None:

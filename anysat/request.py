@@ -12,6 +12,7 @@ from shapely.geometry import MultiPolygon, box, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.validation import explain_validity
 
+from .devices import device_problem
 from .errors import RequestError
 from .modalities import ModalitySpec, resolve_sensors
 from .sizes import is_multiple
@@ -142,14 +143,8 @@ class RegionRequest(BaseModel):
             if offset is None or offset.n <= 0:
                 raise ValueError(f"time_bin {self.time_bin!r} is not a positive pandas offset "
                                  "alias (MS monthly, QS quarterly, 14D...)")
-        if self.device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError(f"device {self.device!r}: this torch sees no CUDA device "
-                                 "(a CPU build, or no GPU); use --device cpu")
-        elif self.device != "cpu":
-            raise ValueError(f"device {self.device!r} is not cpu or cuda[:N]")
+        if problem := device_problem(self.device):
+            raise ValueError(problem)
         if self.dtype == "fp16" and self.device == "cpu":
             raise ValueError("dtype fp16 needs a CUDA device; on CPU use fp32 or bf16")
         if "classes" in self.products and not self.labels:

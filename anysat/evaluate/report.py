@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import storage
+from ..devices import device_problem
 from ..errors import AnySatError
 from ..model import AnySat, load_model
 from ..request import DEFAULT_MODEL
@@ -44,8 +45,8 @@ def evaluate(checkpoint: str = DEFAULT_MODEL, output: str | None = "outputs",
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise AnySatError(f"unknown task(s) {sorted(unknown)}; tasks: {', '.join(TASKS)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AnySatError(f"device {device!r}: this torch sees no CUDA device; use --device cpu")
+    if problem := device_problem(device):
+        raise AnySatError(problem)
     data = data or evaluation_data()
     model = load_model(checkpoint)
     models = {RANDOM: random_twin(model, seed).to(device), PRETRAINED: model.to(device)}

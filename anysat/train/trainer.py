@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import re
 import resource
 import sys
 import time
@@ -33,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .. import storage
+from ..devices import device_problem
 from ..errors import AnySatError, CheckpointError
 from ..model import AnySat, save_checkpoint
 from ..model.checkpoint import build_model
@@ -116,11 +116,8 @@ class TrainConfig:
                             ("save_dtype", ("float32", "float16"))):
             if getattr(self, name) not in known:
                 raise bad(name, f"one of {', '.join(known)}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise bad("device", "auto, cpu, cuda or cuda:N")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise AnySatError(f"device {self.device!r}: this torch sees no CUDA device (a CPU "
-                              "build, or no GPU); use --device cpu or auto")
+        if problem := device_problem(self.device, auto=True):
+            raise AnySatError(problem)
 
     def jepa_config(self) -> JEPAConfig:
         return JEPAConfig(decorrelation_weight=self.decorrelation, date_drop=self.date_drop,

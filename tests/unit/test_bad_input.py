@@ -233,7 +233,7 @@ PRETRAIN_CASES = [  # (options, text the one error line must contain)
     (["--sensor-drop", "1.5"], "sensor_drop (--sensor-drop) is 1.5: expected a chance from 0 to 1"),
     (["--date-drop", "-0.1"], "date_drop (--date-drop) is -0.1"),
     (["--crop-sizes-m", "60,-120"], "crop_sizes_m (--crop-sizes-m) is (60.0, -120.0)"),
-    (["--device", "tpu"], "device (--device) is 'tpu'"),
+    (["--device", "tpu"], "device 'tpu' is not auto, cpu, cuda or cuda:N"),
     (["--device", "cuda"], "this torch sees no CUDA device"),
     (["--steps", "0"], "steps (--steps) is 0"),
     (["--nproc", "0"], "argument --nproc: expected a whole number of at least 1, got '0'"),
@@ -277,6 +277,22 @@ def test_similar_takes_a_western_point_and_names_what_it_cannot_read(tmp_path, c
         assert cli.main(["similar", *args, "--point", "-74.0,40.7"]) == 2
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["evaluate", "--max-points", "0"], "--max-points: expected a whole number of at least 1"),
+    (["evaluate", "--device", "tpu"], "device 'tpu' is not cpu, cuda or cuda:N"),
+    (["embed-points", "points.parquet", "--out", "out.parquet", "--batch-size", "0"],
+     "--batch-size: expected a whole number of at least 1")])
+def test_evaluate_and_points_options_out_of_range(args, expected, tmp_path, capsys):
+    """`--max-points 0` ran the whole evaluation; `--device tpu` was torch's traceback."""
+    try:
+        code = cli.main([*args, *(["--output", str(tmp_path)] if args[0] == "evaluate" else [])])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "Traceback" not in err, err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("rate", ["0", "-3", "nan"])
