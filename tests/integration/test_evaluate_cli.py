@@ -50,7 +50,7 @@ def test_evaluate_rejects_an_unknown_task(tmp_path):
 def test_evaluate_on_a_missing_gpu_says_so(tmp_path):
     result = anysat("evaluate", "--output", str(tmp_path), "--device", "cuda")
     assert result.returncode == 2
-    assert "device 'cuda': this torch sees no CUDA device; use --device cpu" in result.stderr
+    assert "device 'cuda': this torch sees no CUDA device (a CPU build, or no GPU); use --device cpu" in result.stderr
     assert not (tmp_path / "evaluation.json").exists()
 
 
