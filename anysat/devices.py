@@ -20,5 +20,6 @@ def device_problem(device: str, auto: bool = False) -> str | None:
                     "GPU); use --device cpu")
         index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
         if index >= count:
-            return f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            return (f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                    f"cuda:{count - 1}")
     return None
