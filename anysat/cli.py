@@ -305,7 +305,7 @@ def add_similar_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--layer", help="an embedding layer (Zarr) URI")
     source.add_argument("--vectors", help="a patch GeoParquet URI (`--products vectors`)")
     parser.add_argument("--point", type=_floats, required=True, help="lon,lat of the query patch")
-    parser.add_argument("-k", type=int, default=10, help="how many patches")
+    parser.add_argument("-k", type=_count, default=10, help="how many patches")
 
 
 def run_similar(args: argparse.Namespace) -> None:

@@ -283,9 +283,12 @@ def test_similar_takes_a_western_point_and_names_what_it_cannot_read(tmp_path, c
     (["evaluate", "--max-points", "0"], "--max-points: expected a whole number of at least 1"),
     (["evaluate", "--device", "tpu"], "device 'tpu' is not cpu, cuda or cuda:N"),
     (["embed-points", "points.parquet", "--out", "out.parquet", "--batch-size", "0"],
-     "--batch-size: expected a whole number of at least 1")])
+     "--batch-size: expected a whole number of at least 1"),
+    (["similar", "--layer", "layer.zarr", "--point", "5.3,50.6", "-k", "-2"],
+     "-k: expected a whole number of at least 1")])
 def test_evaluate_and_points_options_out_of_range(args, expected, tmp_path, capsys):
-    """`--max-points 0` ran the whole evaluation; `--device tpu` was torch's traceback."""
+    """`--max-points 0` ran the whole evaluation; `--device tpu` was torch's traceback;
+    `similar -k 0` printed nothing and `-k -2` all but two patches."""
     try:
         code = cli.main([*args, *(["--output", str(tmp_path)] if args[0] == "evaluate" else [])])
     except SystemExit as exc:
