@@ -95,7 +95,7 @@ class TrainConfig:
 
         least = {"steps": 1, "batch_size": 1, "accumulation": 1, "shuffle_buffer": 1,
                  "checkpoint_every": 1, "keep_checkpoints": 1, "log_every": 1, "dim": 1,
-                 "depth": 1, "warmup_steps": 0, "monitor_every": 0, "workers": 0}
+                 "depth": 1, "warmup_steps": 0, "monitor_every": 0, "workers": 0, "seed": 0}
         for name, low in least.items():
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)

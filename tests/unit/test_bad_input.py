@@ -236,6 +236,7 @@ PRETRAIN_CASES = [  # (options, text the one error line must contain)
     (["--device", "tpu"], "device 'tpu' is not auto, cpu, cuda or cuda:N"),
     (["--device", "cuda"], "this torch sees no CUDA device"),
     (["--steps", "0"], "steps (--steps) is 0"),
+    (["--seed", "-1"], "seed (--seed) is -1"),
     (["--nproc", "0"], "argument --nproc: expected a whole number of at least 1, got '0'"),
     (["--threads", "0"], "argument --threads: expected a whole number of at least 1, got '0'"),
 ]
