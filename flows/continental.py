@@ -24,6 +24,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
+from prefect.exceptions import ObjectNotFound  # noqa: E402
 
 from anysat import lease, pipeline, storage  # noqa: E402
 from anysat.errors import RequestError, TilesFailedError  # noqa: E402
@@ -140,6 +141,7 @@ def continental(request: RegionRequest, deployment: str = "embed-tiles/block",
     if blocks_per_run < 1 or max_concurrent_runs < 1:
         raise RequestError(f"blocks_per_run {blocks_per_run}, max_concurrent_runs "
                            f"{max_concurrent_runs}: each must be 1 or more")
+    _check_deployment(deployment)  # before a plan that may take hours
     logger = get_run_logger()
     started = time.perf_counter()
     with lease.hold(request.output_uri, "continental flow"):
@@ -170,6 +172,19 @@ def continental(request: RegionRequest, deployment: str = "embed-tiles/block",
         for results in _block_results(plan, blocks):  # never a record per tile in memory
             tally.add(results)
         return pipeline.finish_run(plan, tally, time.perf_counter() - started)
+
+
+def _check_deployment(name: str) -> None:
+    if name.count("/") != 1:
+        raise RequestError(f"deployment {name!r}: expected flow-name/deployment-name, such as "
+                           "embed-tiles/block")
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise RequestError(f"no deployment {name!r} on the Prefect server "
+                               f"{client.api_url}: deploy prefect.yaml first (`prefect deploy "
+                               "--all`), or name another") from None
 
 
 def _run_blocks(plan: RunPlan, runs: list[list[str]], attempts: dict[str, int], deployment: str,

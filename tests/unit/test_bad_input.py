@@ -214,6 +214,25 @@ def test_a_continental_run_of_no_blocks_at_once_is_refused(parameters, tmp_path)
     assert not any(tmp_path.iterdir())  # refused before any plan or lease
 
 
+@pytest.mark.parametrize("deployment,expected", [("nope/none", "no deployment 'nope/none'"),
+                                                 ("block", "expected flow-name/deployment-name")])
+def test_a_continental_run_of_a_deployment_that_is_not_there_is_refused(
+        deployment, expected, prefect_api, tmp_path):
+    """Before the plan (hours for a continent), not at the first run it starts."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from anysat.errors import RequestError
+    from anysat.request import RegionRequest
+    from flows.continental import continental
+
+    request = RegionRequest.build(start="2021-01-01", end="2021-06-30",
+                                  bbox=(5.3, 50.6, 5.31, 50.61), output_uri=str(tmp_path))
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}), \
+            pytest.raises(RequestError, match=expected):
+        continental.fn(request, deployment=deployment)
+    assert not any(tmp_path.iterdir())
+
+
 def test_an_estimate_with_tiles_no_run_could_take_is_refused(capsys):
     """The estimate checks sizes as a run does: 2,560 m is no whole number of 30 m patches."""
     assert cli.main(["plan", "--estimate", "--bbox=-10,35,30,70", "--tile-size-m", "2560"]) == 2
