@@ -46,7 +46,7 @@ from .modalities import ModalitySpec
 from .products.zarr_layer import LayerGrid
 from .request import RegionRequest
 from .stac import search_sensors
-from .tiles import Tile, ZoneTiles, plan_zones, square_groups, square_order
+from .tiles import Tile, ZoneTiles, plan_zones, square_groups, square_index, square_order
 
 log = logging.getLogger("anysat")
 
@@ -185,8 +185,8 @@ class RunPlan:
                                          columns=["west", "north", "east", "south"])
         corner = extents.loc[rows["block"], ["west", "north"]].to_numpy()
         square = np.stack([pd.factorize(rows["block"])[0],
-                           (rows["col"].to_numpy() - corner[:, 0]) // self.read_side,
-                           (corner[:, 1] - rows["row"].to_numpy()) // self.read_side], axis=1)
+                           *square_index(rows["col"].to_numpy(), rows["row"].to_numpy(),
+                                         corner[:, 0], corner[:, 1], self.read_side)], axis=1)
         # a square's tiles are consecutive in reading order (its side divides BLOCK_TILES)
         starts = np.flatnonzero(np.r_[True, (square[1:] != square[:-1]).any(axis=1)])
         batches, first = [], 0

@@ -68,6 +68,12 @@ def square_order(cols: np.ndarray, rows: np.ndarray, origin: tuple[int, int],
     return np.lexsort((z, c // side, r // side))
 
 
+def square_index(cols, rows, west, north, side: int):
+    """Column and row of the `side` x `side` square each grid cell lies in, counted from the
+    north-west cell (`west`, `north`) of its extent; scalars or arrays."""
+    return (cols - west) // side, (north - rows) // side
+
+
 def square_groups(tiles: list[Tile], extents: list[tuple[int, int, int, int]], side: int
                   ) -> list[tuple[list[Tile], tuple[Tile, Tile]]]:
     """The tiles grouped by the `side` x `side` square each lies in, counted from the
@@ -79,7 +85,7 @@ def square_groups(tiles: list[Tile], extents: list[tuple[int, int, int, int]], s
     groups: dict[tuple, list[Tile]] = {}
     for tile, extent in zip(tiles, extents):
         west, north = extent[0], extent[1]
-        key = (tile.epsg, extent, (tile.col - west) // side, (north - tile.row) // side)
+        key = (tile.epsg, extent, *square_index(tile.col, tile.row, west, north, side))
         groups.setdefault(key, []).append(tile)
     out = []
     for (epsg, (west, north, east, south), kc, kr), members in groups.items():

@@ -63,8 +63,8 @@ def write_stac(plan, model: AnySat, layers: list[dict], finished: str) -> str:
     item_ids = []
     for zone in layers:  # a zone's block Items at once (a continent's zone: ~1,000 blocks)
         items = _block_items(plan, zone, interval, finished)
-        storage.write_many({storage.join(root, "items", f"{item['id']}.json"):
-                            json.dumps(item, indent=1).encode() for item in items})
+        storage.write_many({storage.join(root, "items", f"{item['id']}.json"): _encoded(item)
+                            for item in items})
         item_ids += [item["id"] for item in items]
     dim = plan.zones[0].grid.dim
     west, south, east, north = request.geometry.bounds
@@ -108,7 +108,11 @@ def _stored_dtype(plan) -> str:
 
 
 def _write(uri: str, document: dict) -> None:
-    storage.write_bytes_atomic(uri, json.dumps(document, indent=1).encode())
+    storage.write_bytes_atomic(uri, _encoded(document))
+
+
+def _encoded(document: dict) -> bytes:
+    return json.dumps(document, indent=1).encode()
 
 
 def _links() -> list[dict]:
